@@ -535,11 +535,12 @@ def tokenize_pairs(examples: list[dict], tokenizer, args, report: DataReport, sp
     rows, no_eos = [], 0
     for ex in ds:
         ids, labels, where = ex["input_ids"], ex["labels"], f"{ex['source']} [{split}] row {ex['row']}"
-        eos_at = [i for i, (t, lab) in enumerate(zip(ids, labels)) if t == eos_id and lab != -100]
-        if eos_at and eos_at[-1] + 1 < len(ids):
+        # The first end-of-turn token in the completion closes the assistant turn (Phi-3 renders another after it).
+        end = next((i + 1 for i, (t, lab) in enumerate(zip(ids, labels)) if t == eos_id and lab != -100), None)
+        if end is not None and end < len(ids):
             report.change("template tokens after the end-of-turn token cut", where)
-            ids, labels = ids[: eos_at[-1] + 1], labels[: eos_at[-1] + 1]
-        if not eos_at:
+            ids, labels = ids[:end], labels[:end]
+        if end is None:
             no_eos += 1
         n_prompt = next((i for i, lab in enumerate(labels) if lab != -100), len(labels))
         if n_prompt == len(labels):
