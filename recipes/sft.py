@@ -148,6 +148,7 @@ def save(trainer, training_args, model_args, script_args, data_args, report):
     """M_SFT: weights or adapter, tokenizer + chat template, generation_config, metrics, model card."""
     out = training_args.output_dir
     checks.save_model_atomically(trainer, out)
+    trainer.save_state()  # trainer_state.json: the full log history (loss curves) next to the model
     if trainer.accelerator.is_main_process:
         trainer.model.generation_config.save_pretrained(out)
         dataset = [s.get("path") for s in cai_data.sources_from_args(script_args, data_args)]
