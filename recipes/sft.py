@@ -109,7 +109,11 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_metrics("train", train_result.metrics)
     if eval_ds is not None:
-        trainer.save_metrics("eval", trainer.evaluate())
+        final = trainer.evaluate()
+        trainer.save_metrics("eval", final)
+        start = next((h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h and h["step"] == 0), None)
+        if start is not None:
+            say(f"Eval loss on held-out revised responses: M_base {start:.4f} -> M_SFT {final['eval_loss']:.4f}")
     save(trainer, training_args, model_args, script_args, data_args, report)
     trainer.accelerator.wait_for_everyone()
     trainer.end()
