@@ -2,18 +2,23 @@
 
 Shared by `sft.py`, `evaluate.py` and `generate_revisions.py` so that every recipe renders the same
 system prompt and chat template. Every dropped or changed row is counted in a `DataReport`; every
-error names the source, the row and the field, and says how to fix it.
+error names the source, the row and the field, and says how to fix it. docs/DATA.md explains it all.
 
 Accepted schemas (per source, `format: auto` detects them):
   cai       HuggingFaceH4/cai-conversation-harmless: P = `prompt` (or `init_prompt`), R = `revision_response`
   pc        `prompt` / `completion` strings (or `prompt_column` / `response_column`)
   messages  a list of {role, content}; the last assistant turn is the target, earlier turns are context
   hh        Anthropic HH text: "\\n\\nHuman: ... \\n\\nAssistant: ..." (column `chosen` or `text`)
+
+Where a source comes from: a local file (.jsonl/.json/.parquet/.csv), `data_files` (one file, a list, or
+{split: file}), a local folder (split files found by `datasets`' naming rules) or a hub dataset id.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import random
@@ -25,8 +30,17 @@ from typing import Any
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant aligned with constitutional principles."
 FORMATS = ("auto", "cai", "pc", "messages", "hh")
 ROLES = ("system", "user", "assistant")
-LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+# A missing path with one of these endings is a missing file, not a hub dataset id.
+FILE_ENDING = re.compile(r"\.(jsonl|json|parquet|csv|tsv|txt|xlsx?|arrow|gz|zip|bz2|xz|zst|pkl|pickle)$", re.I)
 MAX_LOCATIONS = 5  # how many example locations to keep per drop reason
+SOURCE_KEYS = (
+    "path", "name", "data_dir", "data_files", "split", "test_split", "fraction", "format", "prompt_column",
+    "response_column", "messages_column", "system_prompt", "eval_fraction",
+)  # fmt: skip
+# Top-level options that are the default of every mixture source that does not set its own.
+SOURCE_DEFAULTS = {"format": "data_format", "prompt_column": "prompt_column", "response_column": "response_column",
+                   "messages_column": "messages_column"}  # fmt: skip
 
 
 class DataError(ValueError):
@@ -40,18 +54,21 @@ class CAIDataArguments:
     datasets: list[dict] = field(
         default_factory=list,
         metadata={
-            "help": "Mixture sources, each a mapping: path (file, folder or hub id), name, data_files, split, "
-            "test_split, fraction, format, prompt_column, response_column, messages_column. Overrides dataset_name."
+            "help": "Mixture sources, each a mapping: path (file, folder or hub id), name, data_dir, data_files, "
+            "split, test_split, fraction, format, prompt_column, response_column, messages_column, system_prompt, "
+            "eval_fraction. Use instead of dataset_name (see docs/DATA.md)."
         },
     )
     system_prompt: str | None = field(
         default=DEFAULT_SYSTEM_PROMPT,
         metadata={"help": "System message put before every prompt; null or '' for none (templates without system)."},
     )
-    data_format: str = field(default="auto", metadata={"help": f"Schema of dataset_name: one of {FORMATS}."})
+    data_format: str = field(default="auto", metadata={"help": f"Schema of the data: one of {FORMATS}."})
     prompt_column: str | None = field(default=None, metadata={"help": "Column holding P (string)."})
     response_column: str | None = field(default=None, metadata={"help": "Column holding R_revised (string)."})
-    messages_column: str | None = field(default=None, metadata={"help": "Column holding a messages list."})
+    messages_column: str | None = field(
+        default=None, metadata={"help": "Column holding a messages list (or HH text with data_format: hh)."}
+    )
     eval_fraction: float = field(
         default=0.1, metadata={"help": "Held-out share of unique prompts for sources without a test split."}
     )
@@ -97,122 +114,250 @@ class DataReport:
         out = [f"  {k}: {v}" for k, v in self.counts.items()]
         for name, s in self.sources.items():
             out.append(f"  source {name}: " + ", ".join(f"{k}={v}" for k, v in s.items() if k != "path"))
-        for reason, n in sorted(self.dropped.items()):
-            out.append(f"  dropped {n} ({reason}), e.g. {'; '.join(self.locations[reason][:2])}")
-        for reason, n in sorted(self.changed.items()):
-            out.append(f"  changed {n} ({reason}), e.g. {'; '.join(self.locations[reason][:2])}")
+        return out + self.drop_lines()
+
+    def drop_lines(self, reasons=None) -> list[str]:
+        out = []
+        for kind, counter in (("dropped", self.dropped), ("changed", self.changed)):
+            for reason, n in sorted(counter.items()):
+                if reasons is None or reason in reasons:
+                    out.append(f"  {kind} {n} ({reason}), e.g. {'; '.join(self.locations[reason][:2])}")
         return out
 
 
 # --------------------------------------------------------------------------------------------- reading
 
 
-def _read_json_lines(path: str) -> list[dict]:
-    # Our own reader so that a bad line is reported by number; datasets' json loader only says "invalid".
-    with open(path, "rb") as f:
-        raw = f.read()
+def _read_bytes(path: str) -> bytes:
     try:
-        text = raw.decode("utf-8")
+        with open(path, "rb") as f:
+            return f.read()
+    except PermissionError:
+        raise DataError(
+            f"{path}: permission denied. Make the file readable (`chmod a+r {path}`) or copy it somewhere readable."
+        ) from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror or e}).") from None
+
+
+def _decode(raw: bytes, path: str) -> str:
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw  # a UTF-8 byte-order mark is still UTF-8
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(
-            f"{path}: line {line}: bytes that are not UTF-8 at offset {e.start} ({e.reason}). "
-            "Re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+            f"{path}: line {line}: bytes that are not UTF-8 at byte offset {e.start} ({e.reason}). "
+            f"Re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path} > fixed{os.path.splitext(path)[1]}`)."
         ) from None
-    stripped = text.lstrip()
-    if path.endswith(".json") and stripped.startswith("["):
+
+
+def _read_json_lines(path: str) -> list[dict]:
+    # Our own reader so that a bad line is reported by number; datasets' json loader only says "invalid".
+    text = _decode(_read_bytes(path), path)
+    if path.lower().endswith(".json") and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {e.lineno}: invalid JSON ({e.msg}).") from None
-        if not all(isinstance(r, dict) for r in rows):
-            raise DataError(f"{path}: a JSON list file must hold objects, one per example.")
+            raise DataError(f"{path}: line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}).") from None
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise DataError(
+                f"{path}: item {bad} of the JSON list is a {type(rows[bad]).__name__}, not an object. A .json file "
+                "holds a list of objects (one per example) or JSON Lines."
+            )
         return rows
     rows = []
-    for i, line in enumerate(text.splitlines(), 1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines() breaks on.
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(
-                f"{path}: line {i}: invalid JSON ({e.msg} at column {e.colno}). Each line must be one JSON object."
+                f"{path}: line {i}: invalid JSON ({e.msg} at column {e.colno}). Each line must be one JSON object "
+                "(JSON Lines); a .json file may instead hold one list of objects."
             ) from None
         if not isinstance(row, dict):
-            raise DataError(f"{path}: line {i}: expected a JSON object, got {type(row).__name__}.")
+            raise DataError(f"{path}: line {i}: expected a JSON object (one per line), not {type(row).__name__}")
         rows.append(row)
     return rows
 
 
-def _read_local(path: str) -> list[dict]:
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix not in LOCAL_SUFFIXES:
-        raise DataError(f"{path}: unsupported file type '{suffix}'. Use .jsonl, .json, .parquet or .csv.")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file.")
-    if LOCAL_SUFFIXES[suffix] == "json":
-        return _read_json_lines(path)
-    import datasets
+def _read_csv(path: str) -> list[dict]:
+    # The stdlib reader keeps every cell a string; pandas (behind datasets' csv loader) turns "NA" or "None" into null.
+    reader = csv.DictReader(io.StringIO(_decode(_read_bytes(path), path), newline=""))
+    rows = []
+    try:
+        for row in reader:
+            if None in row:
+                raise DataError(
+                    f"{path}: line {reader.line_num}: more cells than the header has columns ({reader.fieldnames}). "
+                    "Quote cells that hold commas."
+                )
+            rows.append(row)
+    except csv.Error as e:
+        raise DataError(f"{path}: line {reader.line_num}: invalid CSV ({e}).") from None
+    return rows
+
+
+def _read_parquet(path: str) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     try:
-        ds = datasets.load_dataset(LOCAL_SUFFIXES[suffix], data_files=path, split="train")
-    except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear message
-        raise DataError(f"{path}: could not read as {suffix[1:]}: {type(e).__name__}: {e}") from None
+        return pq.read_table(pa.BufferReader(_read_bytes(path))).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e}).") from None
+
+
+def _read_local(path: str) -> list[dict]:
+    """Rows of one local file; every way a file can be unusable is one clear DataError."""
+    if os.path.isdir(path):
+        raise DataError(
+            f"{path}: is a folder, but a file is expected here. Name one {'/'.join(LOCAL_SUFFIXES)} file (a folder "
+            "can be a source's `path` or `dataset_name`, not a `data_files` entry)."
+        )
+    if not os.path.exists(path):
+        raise DataError(
+            f"{path}: no such file (relative paths start at the working directory, {os.getcwd()}). Check the path."
+        )
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in LOCAL_SUFFIXES:
+        raise DataError(
+            f"{path}: unsupported file type '{suffix}'. Use .jsonl, .json, .parquet or .csv (save spreadsheets as "
+            "UTF-8 .csv)."
+        )
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    if suffix == ".csv":
+        return _read_csv(path)
+    return _read_json_lines(path)
+
+
+def _is_hub_id(path: str) -> bool:
+    """Whether `path` names a hub dataset rather than a local file or folder (which may be missing)."""
+    return not (os.path.exists(path) or path.startswith((".", "/", "~")) or FILE_ENDING.search(path)
+                or path.count("/") > 1)  # fmt: skip
+
+
+def _folder_files(folder: str) -> dict[str, list[str]]:
+    """{split: files} of a local folder, by the naming rules of `datasets` (train.jsonl, data/test-0000.parquet...)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(folder), base_path=folder)
+    except Exception:  # noqa: BLE001 - datasets raises EmptyDatasetError or FileNotFoundError
+        found = {}
+    files = {str(split): sorted(map(str, paths)) for split, paths in found.items()}
+    if not files:
+        raise DataError(
+            f"{folder}: the folder holds no data files. Put train.jsonl (and test.jsonl) in it, or name a file."
+        )
+    other = [f for paths in files.values() for f in paths if os.path.splitext(f)[1].lower() not in LOCAL_SUFFIXES]
+    if other:
+        raise DataError(f"{folder}: unsupported file type(s) {other[:3]}. Use .jsonl, .json, .parquet or .csv files.")
+    return files
+
+
+def _train_split(source: dict) -> str:
+    return source.get("split") or "train"
+
+
+def _split_files(source: dict, split: str) -> list[str] | None:
+    """The local files of one split of a source ([] when it has none), or None for a hub dataset."""
+    path, data_files = source.get("path"), source.get("data_files")
+    if data_files is None:
+        if not path:
+            raise DataError(f"a dataset source has neither `path` nor `data_files`: {source}")
+        if os.path.isdir(path):
+            return _folder_files(os.path.join(path, source.get("data_dir") or "")).get(split, [])
+        if _is_hub_id(path):
+            return None
+        data_files = path
+    if isinstance(data_files, dict):
+        files = data_files.get(split, [])
+    else:
+        files = data_files if split == _train_split(source) else []
+    files = [files] if isinstance(files, str) else list(files)
+    base = path if path and os.path.isdir(path) else ""  # data_files are relative to a folder `path`, as in datasets
+    return [os.path.join(base, f) for f in files]
+
+
+def _offline() -> bool:
+    flags = (os.environ.get(v, "").lower() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(f in ("1", "true", "yes", "on") for f in flags)
+
+
+def _read_hub(source: dict, split: str) -> list[dict]:
+    import datasets
+
+    path = source["path"]
+    try:
+        ds = datasets.load_dataset(path, name=source.get("name"), data_dir=source.get("data_dir"), split=split)
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
+        if _offline() or isinstance(e, (ConnectionError, TimeoutError)):
+            why = "offline mode: HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set" if _offline() else str(e)
+            raise DataError(
+                f"dataset '{path}': not a local file or folder, and the Hugging Face Hub is unreachable ({why}). "
+                f"Download it where the Hub is reachable (`hf download {path} --repo-type dataset --local-dir "
+                f"data/{path.split('/')[-1]}`), then set `dataset_name` (or the source's `path`) to that local folder, "
+                "or to a .jsonl/.json/.parquet/.csv file."
+            ) from None
+        raise DataError(
+            f"dataset '{path}' split '{split}': could not load it ({type(e).__name__}: {e}). Check the dataset id, "
+            "`dataset_config`/`name` and the split names, or point at a local file or folder."
+        ) from None
     return ds.to_list()
 
 
-def _looks_local(path: str) -> bool:
-    return os.path.exists(path) or path.startswith((".", "/")) or os.path.splitext(path)[1].lower() in LOCAL_SUFFIXES
+def _read_rows(source: dict, split: str) -> tuple[list[dict], list[tuple[str, int]]]:
+    """Rows of one split and, for each, (file or dataset id, row index in it) for error locations."""
+    files = _split_files(source, split)
+    if files is None:
+        rows = _read_hub(source, split)
+        return rows, [(source["path"], i) for i in range(len(rows))]
+    if not files:
+        raise DataError(
+            f"source {source_name(source)}: no file for split '{split}'. Add `{split}: path/to/file.jsonl` under "
+            "its `data_files`, or set `split` to the name of the split you have."
+        )
+    rows, origins = [], []
+    for path in files:
+        part = _read_local(path)
+        if not part:
+            raise DataError(f"{path}: the file holds no rows. Fill it or remove it from the configuration.")
+        rows += part
+        origins += [(path, i) for i in range(len(part))]
+    return rows, origins
 
 
 def read_split(source: dict, split: str) -> list[dict]:
-    """Rows of one split of one source: a local file, a `data_files` mapping, a local folder or a hub id."""
-    path, data_files = source.get("path"), source.get("data_files")
-    if isinstance(data_files, dict):
-        if split not in data_files:
-            raise DataError(f"source {source_name(source)}: no data_files entry for split '{split}'.")
-        return _read_local(data_files[split])
-    if isinstance(data_files, str):
-        return _read_local(data_files)
-    if path is None:
-        raise DataError(f"a dataset source has neither `path` nor `data_files`: {source}")
-    if os.path.isfile(path) or (_looks_local(path) and not os.path.isdir(path)):
-        return _read_local(path)
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(path, name=source.get("name"), split=split)
-    except Exception as e:  # noqa: BLE001
-        hint = (
-            "The model hub may be unreachable (offline): download the dataset elsewhere and point `path` at a local "
-            "folder or file (.jsonl/.json/.parquet/.csv)."
-            if not os.path.isdir(path)
-            else "Check the split name and the files in that folder."
-        )
-        raise DataError(f"dataset '{path}' split '{split}': {type(e).__name__}: {e}. {hint}") from None
-    return ds.to_list()
+    """Rows of one split of one source: a local file, `data_files`, a local folder or a hub id."""
+    return _read_rows(source, split)[0]
 
 
 def source_name(source: dict) -> str:
     if source.get("path"):
         return str(source["path"])
     files = source.get("data_files")
-    return str(files.get("train", next(iter(files.values()))) if isinstance(files, dict) else files)
+    if isinstance(files, dict):
+        files = files.get(_train_split(source), next(iter(files.values()), None))
+    return str(files[0] if isinstance(files, list) and len(files) == 1 else files)
 
 
 def split_exists(source: dict, split: str | None) -> bool:
-    """Whether a source has a given split, without guessing for hub ids (which are asked)."""
+    """Whether a source has a given split; hub datasets are asked (False when the hub is unreachable)."""
     if not split:
         return False
-    data_files, path = source.get("data_files"), source.get("path") or ""
-    if isinstance(data_files, dict):
-        return split in data_files
-    if data_files is not None or os.path.isfile(path) or _looks_local(path) and not os.path.isdir(path):
-        return False
+    files = _split_files(source, split)
+    if files is not None:
+        return bool(files)
     try:
         import datasets
 
-        return split in datasets.get_dataset_split_names(path, source.get("name"))
+        return split in datasets.get_dataset_split_names(source["path"], source.get("name"))
     except Exception:  # noqa: BLE001 - an unreachable hub is reported when the train split is read
         return False
 
@@ -223,21 +368,32 @@ def split_exists(source: dict, split: str | None) -> bool:
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
 
+class RowProblem(ValueError):
+    """Why one row is unusable: `reason` is what is counted; `column` and `detail` locate it."""
+
+    def __init__(self, reason: str, column: str, detail: str = ""):
+        super().__init__(f"{column}: {reason}" + (f" ({detail})" if detail else ""))
+        self.reason, self.column, self.detail = reason, column, detail
+
+
 def parse_hh(text: str) -> list[dict]:
-    """Anthropic HH text ("\\n\\nHuman: ... \\n\\nAssistant: ...") to messages."""
+    """Anthropic HH text ("\\n\\nHuman: ... \\n\\nAssistant: ...") to messages; ValueError if it is not HH."""
     if not isinstance(text, str):
-        raise ValueError("not a string")
-    parts = HH_TURN.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
-    if parts[0].strip():
-        raise ValueError("text before the first 'Human:' turn")
-    messages = []
-    for speaker, content in zip(parts[1::2], parts[2::2]):
-        messages.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
-    return messages
+        raise ValueError(f"not a string but {type(text).__name__}")
+    # HH transcripts start with "\n\nHuman:"; accept them with the leading blank lines stripped, too.
+    before, *turns = HH_TURN.split("\n\n" + text.lstrip("\n"))
+    if "Human" not in turns[0::2]:
+        raise ValueError("no Human turn")
+    if before.strip():
+        raise ValueError("text before the first turn")
+    return [
+        {"role": "user" if speaker == "Human" else "assistant", "content": content.strip()}
+        for speaker, content in zip(turns[0::2], turns[1::2])
+    ]
 
 
 def detect_format(columns: list[str], source: dict) -> str:
-    fmt = source.get("format", "auto")
+    fmt = source.get("format") or "auto"
     if fmt not in FORMATS:
         raise DataError(f"source {source_name(source)}: format '{fmt}' is not one of {FORMATS}.")
     if fmt != "auto":
@@ -255,113 +411,132 @@ def detect_format(columns: list[str], source: dict) -> str:
     if "chosen" in columns or "text" in columns:
         return "hh"
     raise DataError(
-        f"source {source_name(source)}: cannot tell the schema from its columns {sorted(columns)}. Expected the "
+        f"source {source_name(source)}: cannot tell the schema from its columns {columns}. Expected the "
         "cai-conversation-harmless columns (prompt, revision_response, ...), prompt/completion, messages, or HH text "
         "(chosen/text). Map yours with `prompt_column` + `response_column`, or `messages_column`, on this source."
     )
 
 
-def required_columns(fmt: str, source: dict, columns: list[str]) -> list[str]:
+def _columns_of(fmt: str, source: dict, columns) -> dict[str, str]:
+    """{what: column} that a format reads."""
     if fmt == "cai":
-        return ["prompt" if "prompt" in columns else "init_prompt", "revision_response"]
+        return {"prompt": "prompt" if "prompt" in columns else "init_prompt", "response": "revision_response"}
     if fmt == "pc":
-        return [source.get("prompt_column") or "prompt", source.get("response_column") or "completion"]
+        return {"prompt": source.get("prompt_column") or "prompt",
+                "response": source.get("response_column") or "completion"}  # fmt: skip
     if fmt == "messages":
-        return [source.get("messages_column") or "messages"]
-    return [source.get("messages_column") or ("chosen" if "chosen" in columns else "text")]
+        return {"messages": source.get("messages_column") or "messages"}
+    return {"hh": source.get("messages_column") or ("chosen" if "chosen" in columns else "text")}
 
 
-def _check_messages(messages: Any) -> str | None:
-    """None if `messages` is a valid conversation ending in an assistant turn, else the problem."""
+def required_columns(fmt: str, source: dict, columns: list[str]) -> list[str]:
+    return list(_columns_of(fmt, source, columns).values())
+
+
+def _check_messages(messages: Any, kind: str = "messages") -> tuple[str, str] | None:
+    """None if `messages` is a valid conversation with an assistant turn, else (reason, detail)."""
     if not isinstance(messages, list) or not messages:
-        return "not a non-empty list of {role, content}"
+        return f"{kind}: not a non-empty list of {{role, content}}", type(messages).__name__
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            return f"turn {i} is not a {{role, content}} mapping"
+            return f"{kind}: not a non-empty list of {{role, content}}", f"turn {i} is {str(m)[:60]!r}"
         if m["role"] not in ROLES:
-            return f"turn {i} has unknown role '{m['role']}' (expected one of {ROLES})"
+            return f"{kind}: unknown role", f"turn {i} has role {m['role']!r}; roles are {'/'.join(ROLES)}"
         if not isinstance(m["content"], str) or not m["content"].strip():
-            return f"turn {i} ({m['role']}) has empty or non-string content"
-    body = messages[1:] if messages[0]["role"] == "system" else messages
-    if any(m["role"] == "system" for m in body):
-        return "a system turn after the first turn"
-    for i, m in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
+            return f"{kind}: empty or non-string content", f"turn {i} ({m['role']})"
+    if not any(m["role"] == "assistant" for m in messages):
+        return f"{kind}: no assistant turn", f"roles {[m['role'] for m in messages]}"
+    start = 1 if messages[0]["role"] == "system" else 0
+    for i, m in enumerate(messages[start:], start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
         if m["role"] != expected:
-            return f"turn order: expected {expected} at turn {i + len(messages) - len(body)}, got {m['role']}"
-    if not any(m["role"] == "assistant" for m in body):
-        return "no assistant turn"
+            return f"{kind}: wrong turn order", f"turn {i} is {m['role']}, expected {expected} (they alternate)"
     return None
 
 
-def to_pair(row: dict, fmt: str, source: dict) -> tuple[list[dict], str]:
-    """(context messages ending in the user's P, R_revised) or raises ValueError('field: problem')."""
+def _pair(row: dict, fmt: str, source: dict) -> tuple[list[dict], str, int]:
+    """(context ending in the user's P, R_revised, turns after the last assistant turn) or a RowProblem."""
+    cols = _columns_of(fmt, source, row)
     if fmt in ("cai", "pc"):
-        if fmt == "cai":
-            p_col = "prompt" if "prompt" in row else "init_prompt"
-            r_col = "revision_response"
-        else:
-            p_col, r_col = source.get("prompt_column") or "prompt", source.get("response_column") or "completion"
-        prompt, response = row.get(p_col), row.get(r_col)
-        for col, value in ((p_col, prompt), (r_col, response)):
+        values = []
+        for what, col in cols.items():
+            value = row.get(col)
             if value is None:
-                raise ValueError(f"{col}: is null")
+                raise RowProblem(f"{what} missing or null", col)
             if not isinstance(value, str):
-                raise ValueError(f"{col}: is {type(value).__name__}, not a string")
+                raise RowProblem(f"{what} not a string", col, f"got {type(value).__name__}")
             if not value.strip():
-                raise ValueError(f"{col}: is empty or whitespace")
-        return [{"role": "user", "content": prompt}], response
-    col = source.get("messages_column") or ("messages" if fmt == "messages" else None)
-    if fmt == "hh":
-        col = col or ("chosen" if "chosen" in row else "text")
+                raise RowProblem(f"{what} empty or whitespace", col)
+            values.append(value)
+        return [{"role": "user", "content": values[0]}], values[1], 0
+    [(kind, col)] = cols.items()
+    messages = row.get(col)
+    if kind == "hh":
         try:
-            messages = parse_hh(row.get(col))
+            messages = parse_hh(messages)
         except ValueError as e:
-            raise ValueError(f"{col}: not Anthropic HH text ({e})") from None
-    else:
-        messages = row.get(col)
-    problem = _check_messages(messages)
+            raise RowProblem(f"hh: {str(e).split(' but ')[0]}", col, str(e)) from None
+    problem = _check_messages(messages, kind)
     if problem:
-        raise ValueError(f"{col}: {problem}")
+        raise RowProblem(problem[0], col, problem[1])
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return [dict(role=m["role"], content=m["content"]) for m in messages[:last]], messages[last]["content"]
+    context = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
+    return context, messages[last]["content"], len(messages) - last - 1
 
 
-def normalize(rows: list[dict], source: dict, split: str, data_args: CAIDataArguments, report: DataReport):
-    """Rows of one split to {"prompt": [...], "completion": [...], "source", "row"}; bad rows dropped and counted."""
+def to_pair(row: dict, fmt: str, source: dict) -> tuple[list[dict], str]:
+    """(context messages ending in the user's P, R_revised), or raises RowProblem (a ValueError)."""
+    return _pair(row, fmt, source)[:2]
+
+
+def normalize(rows, source: dict, split: str, data_args: CAIDataArguments, report: DataReport, origins=None):
+    """Rows of one split to {"prompt": [...], "completion": [...], "source", "row"}; bad rows dropped and counted.
+
+    `origins` gives each row's (file, row index) for the report; by default the source name and list index.
+    """
     name = source_name(source)
     if not rows:
         return []
-    columns = sorted({k for r in rows[:100] for k in r})
+    origins = origins or [(name, i) for i in range(len(rows))]
+    columns = sorted({str(k) for r in rows for k in r})
     fmt = detect_format(columns, source)
-    missing = [c for c in required_columns(fmt, source, columns) if c not in columns]
+    wanted = _columns_of(fmt, source, columns)
+    missing = [c for c in wanted.values() if c not in columns]
     if missing:
+        fix = (
+            "`messages_column: <column holding the conversation>`"
+            if fmt in ("messages", "hh")
+            else "`prompt_column: <column holding P>` and `response_column: <column holding R_revised>`"
+        )
         raise DataError(
-            f"source {name} split {split}: required column(s) {missing} missing for format '{fmt}'. Columns found: "
-            f"{columns}. Set `prompt_column`/`response_column` (or `messages_column`) on this source to map yours."
+            f"source {name} split '{split}': required column(s) {missing} missing for format '{fmt}'. Columns found: "
+            f"{columns}. Map yours with {fix} on this source (top level for dataset_name), or set `format`."
         )
     system = source.get("system_prompt", data_args.system_prompt)
-    out = []
-    for i, row in enumerate(rows):
-        where = f"{name} [{split}] row {i}"
+    out, reasons = [], Counter()
+    for row, (file, i) in zip(rows, origins):
+        where = f"{file} row {i}"
         if data_args.exclude_flagged and row.get("flags"):
-            report.drop("flagged by generate_revisions.py", f"{where}: {row['flags']}")
+            reasons["flagged by generate_revisions.py"] += 1
+            report.drop("flagged by generate_revisions.py", f"{where} field 'flags': {row['flags']}")
             continue
         try:
-            context, response = to_pair(row, fmt, source)
-        except ValueError as e:
-            field_name, _, problem = str(e).partition(": ")
-            report.drop(f"invalid {field_name}: {problem.split(' (')[0]}", f"{where} field '{field_name}': {problem}")
+            context, response, ignored = _pair(row, fmt, source)
+        except RowProblem as p:
+            reasons[p.reason] += 1
+            report.drop(p.reason, f"{where} field '{p.column}'" + (f": {p.detail}" if p.detail else ""))
             continue
+        if ignored:
+            report.change(f"{fmt}: turns after the last assistant turn ignored", f"{where}: {ignored} turn(s)")
         if system and context[0]["role"] != "system":
             context = [{"role": "system", "content": system}, *context]
-        out.append(
-            {
-                "prompt": context,
-                "completion": [{"role": "assistant", "content": response}],
-                "source": name,
-                "row": i,
-            }
+        out.append({"prompt": context, "completion": [{"role": "assistant", "content": response}], "source": file,
+                    "row": i})  # fmt: skip
+    if not out:
+        raise DataError(
+            f"source {name} split '{split}': all {len(rows)} rows were dropped ({fmt} format): "
+            + ", ".join(f"{n} {r}" for r, n in reasons.most_common())
+            + ".\n" + "\n".join(report.drop_lines(reasons))
         )
     return out
 
@@ -388,91 +563,177 @@ def split_by_prompt(examples: list[dict], fraction: float, seed: int) -> tuple[l
     return [e for e in examples if prompt_key(e) not in held], [e for e in examples if prompt_key(e) in held]
 
 
-def mix(per_source: list[list[dict]], fractions: list[float | None], seed: int) -> list[dict]:
-    """TRL's fraction rule (normalise, cap so that no source is oversampled), after a seeded shuffle of each."""
+def _mix_parts(per_source: list[list[dict]], fractions: list, seed: int) -> list[list[dict]]:
+    """TRL's fraction rule (normalise, cap so that no source is oversampled), per source."""
     if all(f is None for f in fractions):
-        return [e for rows in per_source for e in rows]
-    if any(f is None for f in fractions):
-        raise DataError("`fraction` must be set on every mixture source or on none of them.")
-    if any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise DataError(f"mixture fractions must be >= 0 and not all 0, got {fractions}.")
+        return per_source
     weights = [f / sum(fractions) for f in fractions]
     total = min(len(rows) / w for rows, w in zip(per_source, weights) if w > 0)
     out = []
     for k, (rows, w) in enumerate(zip(per_source, weights)):
+        # TRL keeps each source's first rows; a seeded shuffle first keeps file order from choosing the subset.
         rows = list(rows)
         random.Random(seed + k).shuffle(rows)
-        out.extend(rows[: round(w * total)])
+        out.append(rows[: round(w * total)])
     return out
 
 
+def mix(per_source: list[list[dict]], fractions: list, seed: int) -> list[dict]:
+    """Concatenate the sources, each cut to its `fraction` of the mixture (see `_mix_parts`)."""
+    _check_fractions([{"fraction": f, "path": f"source {k}"} for k, f in enumerate(fractions)])
+    return [e for rows in _mix_parts(per_source, fractions, seed) for e in rows]
+
+
+def _check_fractions(sources: list[dict]) -> None:
+    fractions = [s.get("fraction") for s in sources]
+    if all(f is None for f in fractions):
+        return
+    unset = [source_name(s) for s in sources if s.get("fraction") is None]
+    if unset:
+        raise DataError(
+            f"`fraction` is set on some mixture sources but not on {unset}. Set it on every source (the shares of "
+            "the mixture) or on none (then every row of every source is used)."
+        )
+    for s in sources:
+        f = s["fraction"]
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or f < 0:
+            raise DataError(f"source {source_name(s)}: `fraction` must be a number >= 0, got {f!r}.")
+    if sum(fractions) <= 0:
+        raise DataError("mixture fractions are all 0: give at least one source a fraction above 0.")
+
+
 def sources_from_args(script_args, data_args: CAIDataArguments) -> list[dict]:
-    if data_args.datasets:
-        return [dict(s) for s in data_args.datasets]
-    if not script_args.dataset_name:
-        raise DataError("no data: set `dataset_name` (file, folder or hub id) or a `datasets:` mixture in the YAML.")
-    return [
-        {
-            "path": script_args.dataset_name,
-            "name": script_args.dataset_config,
-            "split": script_args.dataset_train_split,
-            "test_split": script_args.dataset_test_split,
-            "format": data_args.data_format,
-            "prompt_column": data_args.prompt_column,
-            "response_column": data_args.response_column,
-            "messages_column": data_args.messages_column,
-        }
-    ]
+    """The sources to read, each a mapping with the keys in SOURCE_KEYS; checked before anything is read."""
+    if data_args.datasets and script_args.dataset_name:
+        raise DataError(
+            f"both `dataset_name` ({script_args.dataset_name}) and a `datasets:` mixture are set: keep one of them."
+        )
+    if not data_args.datasets:
+        if not script_args.dataset_name:
+            raise DataError("no data: set `dataset_name` (file, folder or hub id) or a `datasets:` mixture.")
+        sources = [
+            {
+                "path": script_args.dataset_name,
+                "name": script_args.dataset_config,
+                "split": script_args.dataset_train_split,
+                "test_split": script_args.dataset_test_split,
+                "format": data_args.data_format,
+                "prompt_column": data_args.prompt_column,
+                "response_column": data_args.response_column,
+                "messages_column": data_args.messages_column,
+            }
+        ]
+    else:
+        defaults = {k: getattr(data_args, a) for k, a in SOURCE_DEFAULTS.items() if getattr(data_args, a) is not None}
+        sources = []
+        for k, s in enumerate(data_args.datasets):
+            if isinstance(s, str):
+                s = {"path": s}
+            if not isinstance(s, dict):
+                raise DataError(f"datasets[{k}]: expected a mapping such as {{path: data/x.jsonl}}, got {s!r}.")
+            unknown = sorted(set(s) - set(SOURCE_KEYS))
+            if unknown:
+                raise DataError(f"datasets[{k}]: unknown key(s) {unknown}. A source takes: {', '.join(SOURCE_KEYS)}.")
+            sources.append({**defaults, **s})
+    for k, s in enumerate(sources):
+        if not s.get("path") and not s.get("data_files"):
+            raise DataError(f"datasets[{k}]: set `path` (file, folder or hub id) or `data_files` on every source.")
+        files = s.get("data_files")
+        if isinstance(files, dict):
+            splits = {_train_split(s), s.get("test_split", "test")}
+            unknown = sorted(set(files) - splits)
+            if unknown:
+                raise DataError(
+                    f"source {source_name(s)}: data_files split(s) {unknown} are neither the train split "
+                    f"'{_train_split(s)}' nor the test split '{s.get('test_split', 'test')}'. Rename them, or set "
+                    "`split` / `test_split` on the source."
+                )
+    _check_fractions(sources)
+    return sources
+
+
+def _unique_names(sources: list[dict]) -> list[str]:
+    names = []
+    for s in sources:
+        name = source_name(s)
+        names.append(name if name not in names else f"{name}#{len(names)}")
+    return names
 
 
 def load_pairs(script_args, data_args: CAIDataArguments, seed: int = 42):
-    """Train and eval lists of conversational prompt/completion rows, and the report of what was dropped."""
+    """Train and eval lists of conversational prompt/completion rows, and the report of what was dropped.
+
+    Per source: read, validate rows, take its test split (or hold out `eval_fraction` of its unique prompts).
+    Then over all sources: dedupe eval, drop train rows whose prompt is in any eval split, dedupe train, mix
+    by `fraction`, and sample `max_eval_examples`. Everything dropped or left out is counted in the report.
+    """
     report = DataReport()
-    train_parts, eval_parts, fractions = [], [], []
-    for source in sources_from_args(script_args, data_args):
-        name = source_name(source)
-        split = source.get("split", "train")
-        train = normalize(read_split(source, split), source, split, data_args, report)
+    sources = sources_from_args(script_args, data_args)
+    names = _unique_names(sources)
+    trains, evals = [], []
+    for source, name in zip(sources, names):
+        split = _train_split(source)
+        rows, origins = _read_rows(source, split)
+        fmt = detect_format(sorted({str(k) for r in rows for k in r}), source)
+        train = normalize(rows, source, split, data_args, report, origins)
+        info = {"path": name, "format": fmt, "train_rows_read": len(rows)}
         test_split = source.get("test_split", "test")
-        if split_exists(source, test_split) and test_split != split:
-            evals = normalize(read_split(source, test_split), source, test_split, data_args, report)
+        if test_split and test_split != split and split_exists(source, test_split):
+            test_rows, test_origins = _read_rows(source, test_split)
+            held = normalize(test_rows, source, test_split, data_args, report, test_origins)
+            info.update(eval_from=f"split '{test_split}'", eval_rows_read=len(test_rows))
         else:
-            train, evals = split_by_prompt(train, source.get("eval_fraction", data_args.eval_fraction), seed)
-        if not train:
-            raise DataError(f"source {name}: no usable training rows left (see the drop reasons above).")
-        report.sources[name] = {"path": name, "train_rows": len(train), "eval_rows": len(evals)}
-        train_parts.append(train)
-        eval_parts.append(evals)
-        fractions.append(source.get("fraction"))
+            fraction = source.get("eval_fraction", data_args.eval_fraction)
+            train, held = split_by_prompt(train, fraction, seed)
+            held_out = f"{fraction:g} of the unique prompts held out" if fraction > 0 else "none (eval_fraction 0)"
+            info.update(eval_from=f"no '{test_split}' split; {held_out}")
+        report.sources[name] = info
+        trains.append(train)
+        evals.append(held)
 
-    train = mix(train_parts, fractions, seed)
-    evals = [e for part in eval_parts for e in part]
-    if data_args.dedupe:
-        train = _dedupe(train, "train", report)
-        evals = _dedupe(evals, "eval", report)
-    eval_prompts = {prompt_key(e) for e in evals}
-    leaked = [e for e in train if prompt_key(e) in eval_prompts]
-    for e in leaked:
-        report.drop("prompt also in eval (dropped from train)", f"{e['source']} row {e['row']}")
-    train = [e for e in train if prompt_key(e) not in eval_prompts]
-    if not train:
-        raise DataError("no training rows left after dropping prompts that also appear in the eval split.")
-    if data_args.max_eval_examples is not None and len(evals) > data_args.max_eval_examples:
-        report.change("eval rows not sampled (max_eval_examples)", "eval", len(evals) - data_args.max_eval_examples)
-        evals = random.Random(seed).sample(evals, data_args.max_eval_examples)
-    report.counts.update(train_examples=len(train), eval_examples=len(evals))
-    return train, evals, report
+    evals = _dedupe(evals, "eval", report) if data_args.dedupe else evals
+    eval_prompts = {prompt_key(e) for part in evals for e in part}
+    for k, part in enumerate(trains):
+        trains[k] = [e for e in part if prompt_key(e) not in eval_prompts]
+        for e in part:
+            if prompt_key(e) in eval_prompts:
+                report.drop("prompt also in eval (dropped from train)", f"{e['source']} row {e['row']}")
+    trains = _dedupe(trains, "train", report) if data_args.dedupe else trains
+    for name, part in zip(names, trains):
+        if not part:
+            raise DataError(
+                f"source {name}: no training rows left after dropping duplicates and prompts that are also in the "
+                "eval split.\n" + "\n".join(report.drop_lines())
+            )
+    mixed = _mix_parts(trains, [s.get("fraction") for s in sources], seed)
+    for name, part, kept, source, held in zip(names, trains, mixed, sources, evals):
+        report.sources[name].update(train_rows=len(part), eval_rows=len(held))
+        if source.get("fraction") is not None:
+            report.sources[name].update(fraction=source["fraction"], train_rows_in_mixture=len(kept))
+            if len(kept) < len(part):
+                report.change("train rows left out by mixture fractions", name, len(part) - len(kept))
+    train = [e for part in mixed for e in part]
+    held = [e for part in evals for e in part]
+    if data_args.max_eval_examples is not None and len(held) > data_args.max_eval_examples:
+        report.change("eval rows not sampled (max_eval_examples)", "eval", len(held) - data_args.max_eval_examples)
+        held = random.Random(seed).sample(held, data_args.max_eval_examples)
+    report.counts.update(train_examples=len(train), eval_examples=len(held))
+    return train, held, report
 
 
-def _dedupe(rows: list[dict], split: str, report: DataReport) -> list[dict]:
+def _dedupe(parts: list[list[dict]], split: str, report: DataReport) -> list[list[dict]]:
+    """Exact duplicate (prompt, response) pairs removed, within and across sources (the first copy is kept)."""
     seen, out = set(), []
-    for e in rows:
-        key = _pair_key(e)
-        if key in seen:
-            report.drop(f"duplicate (prompt, response) pair in {split}", f"{e['source']} row {e['row']}")
-            continue
-        seen.add(key)
-        out.append(e)
+    for rows in parts:
+        kept = []
+        for e in rows:
+            key = _pair_key(e)
+            if key in seen:
+                report.drop(f"duplicate (prompt, response) pair in {split}", f"{e['source']} row {e['row']}")
+                continue
+            seen.add(key)
+            kept.append(e)
+        out.append(kept)
     return out
 
 
@@ -548,7 +809,8 @@ def tokenize_pairs(examples: list[dict], tokenizer, args, report: DataReport, sp
             continue
         if args.max_length is not None and len(ids) > args.max_length:
             if n_prompt >= args.max_length:
-                report.drop(f"{split}: prompt ({n_prompt} tokens) leaves no room at max_length", where)
+                report.drop(f"{split}: prompt leaves no room for the response at max_length", f"{where}: prompt "
+                            f"is {n_prompt} tokens, max_length {args.max_length}")  # fmt: skip
                 continue
             report.change(f"{split}: response truncated to max_length", where)
             ids, labels = ids[: args.max_length], labels[: args.max_length]
@@ -560,7 +822,10 @@ def tokenize_pairs(examples: list[dict], tokenizer, args, report: DataReport, sp
             "(e.g. recipes/templates/cai_seed.jinja), or set `eos_token` to the token your template does emit."
         )
     if not rows:
-        raise DataError(f"no {split} examples left after tokenization (see the drop reasons in the summary).")
+        raise DataError(
+            f"no {split} examples left after tokenization. Raise `max_length` or shorten the prompts:\n"
+            + "\n".join(report.drop_lines())
+        )
     out = datasets.Dataset.from_list(rows)
     report.counts.update(
         {
