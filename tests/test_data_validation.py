@@ -78,7 +78,10 @@ def test_bad_prompt_and_response_values_dropped_with_exact_counts(tmp_path):
         "response missing or null": 1,
         "response not a string": 1,
     }
-    assert report.locations["prompt empty or whitespace"] == [f"{path} row 3 field 'prompt'", f"{path} row 4 field 'prompt'"]
+    assert report.locations["prompt empty or whitespace"] == [
+        f"{path} row 3 field 'prompt'",
+        f"{path} row 4 field 'prompt'",
+    ]
     assert report.locations["prompt not a string"] == [f"{path} row 7 field 'prompt': got int"]
     assert report.locations["response not a string"] == [f"{path} row 10 field 'completion': got list"]
 
@@ -91,8 +94,12 @@ def test_mapped_columns_report_the_users_column(tmp_path):
 
 
 def test_all_rows_bad_is_a_clear_error(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "", "completion": "x"}] * 2 + [{"prompt": "p", "completion": None}])
-    with pytest.raises(cai_data.DataError, match=r"all 3 rows were dropped .*2 prompt empty or whitespace, 1 response missing"):
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": "", "completion": "x"}] * 2 + [{"prompt": "p", "completion": None}]
+    )
+    with pytest.raises(
+        cai_data.DataError, match=r"all 3 rows were dropped .*2 prompt empty or whitespace, 1 response missing"
+    ):
         load(path)
 
 
@@ -152,7 +159,10 @@ def test_turns_after_last_assistant_are_counted(tmp_path):
 
 
 def test_hh_multi_turn_last_assistant_is_target(tmp_path):
-    text = "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?\n\nHuman: How do I pick a lock?\n\nAssistant: I can't help with that."
+    text = (
+        "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?"
+        "\n\nHuman: How do I pick a lock?\n\nAssistant: I can't help with that."
+    )
     train, _, _ = load(write_jsonl(tmp_path / "d.jsonl", [{"chosen": text, "rejected": "ignored"}]))
     [ex] = train
     assert ex["completion"] == [{"role": "assistant", "content": "I can't help with that."}]
@@ -203,7 +213,9 @@ def test_prompt_without_room_dropped_then_stop_when_nothing_left(tmp_path):
     reason = "train: prompt leaves no room for the response at max_length"
     assert report.dropped == {reason: 3}  # one reason however long each prompt is
     assert "max_length 64" in report.locations[reason][0]
-    with pytest.raises(cai_data.DataError, match=r"no train examples left(.|\n)*dropped 3 \(train: prompt leaves no room"):
+    with pytest.raises(
+        cai_data.DataError, match=r"no train examples left(.|\n)*dropped 3 \(train: prompt leaves no room"
+    ):
         cai_data.tokenize_pairs(train[1:], tok, sft_args(64), cai_data.DataReport(), "train", tok.eos_token)
 
 
@@ -233,7 +245,9 @@ def test_prompt_in_separate_test_file_removed_from_train(tmp_path):
 
 def test_test_rows_are_located_in_the_test_file(tmp_path):
     train_path = write_jsonl(tmp_path / "train.jsonl", OK)
-    test_path = write_jsonl(tmp_path / "test.jsonl", [{"prompt": "held", "completion": "out"}, {"prompt": "", "completion": "x"}])
+    test_path = write_jsonl(
+        tmp_path / "test.jsonl", [{"prompt": "held", "completion": "out"}, {"prompt": "", "completion": "x"}]
+    )
     data_args = cai_data.CAIDataArguments(datasets=[{"data_files": {"train": train_path, "test": test_path}}])
     _, evals, report = cai_data.load_pairs(script(), data_args)
     assert evals[0]["source"] == test_path and evals[0]["row"] == 0
@@ -277,7 +291,9 @@ def test_missing_file(tmp_path):
 def test_folder_where_a_file_is_expected(tmp_path):
     (tmp_path / "d.jsonl").mkdir()
     with pytest.raises(cai_data.DataError, match=r"d\.jsonl: is a folder, but a file is expected"):
-        cai_data.load_pairs(script(), cai_data.CAIDataArguments(datasets=[{"data_files": {"train": str(tmp_path / "d.jsonl")}}]))
+        cai_data.load_pairs(
+            script(), cai_data.CAIDataArguments(datasets=[{"data_files": {"train": str(tmp_path / "d.jsonl")}}])
+        )
     with pytest.raises(cai_data.DataError, match=r"the folder holds no data files"):
         load(tmp_path / "d.jsonl")
 
@@ -306,7 +322,9 @@ def test_permission_denied_message(tmp_path, monkeypatch, suffix):
 @pytest.mark.parametrize("name", ["d.txt", "d.xlsx", "d.tsv"])
 def test_unsupported_file_type(tmp_path, name):
     (tmp_path / name).write_text("prompt\tcompletion\n")
-    with pytest.raises(cai_data.DataError, match=rf"unsupported file type '{name[1:]}'\. Use \.jsonl, \.json, \.parquet or \.csv"):
+    with pytest.raises(
+        cai_data.DataError, match=rf"unsupported file type '{name[1:]}'\. Use \.jsonl, \.json, \.parquet or \.csv"
+    ):
         load(tmp_path / name)
 
 
@@ -345,7 +363,9 @@ def test_line_separator_inside_a_json_string_is_not_a_new_line(tmp_path):
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
 def test_non_utf8_bytes_line_number(tmp_path, suffix):
     path = tmp_path / f"d{suffix}"
-    head = (json.dumps(OK[0]) + "\n" + json.dumps(OK[1]) + "\n") if suffix == ".jsonl" else "prompt,completion\nhi,there\n"
+    head = (
+        (json.dumps(OK[0]) + "\n" + json.dumps(OK[1]) + "\n") if suffix == ".jsonl" else "prompt,completion\nhi,there\n"
+    )
     path.write_bytes(head.encode() + "caf\xe9,ok\n".encode("latin-1"))
     with pytest.raises(cai_data.DataError, match=r"line 3: bytes that are not UTF-8 .*iconv"):
         load(path)
@@ -361,7 +381,10 @@ def test_csv_cells_stay_strings_and_bad_rows_are_located(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text('prompt,completion\n"Hi, you",NA\nNone,ok\n,empty prompt\n')
     train, _, report = load(path)
-    assert [(e["prompt"][-1]["content"], e["completion"][0]["content"]) for e in train] == [("Hi, you", "NA"), ("None", "ok")]
+    assert [(e["prompt"][-1]["content"], e["completion"][0]["content"]) for e in train] == [
+        ("Hi, you", "NA"),
+        ("None", "ok"),
+    ]
     assert report.locations["prompt empty or whitespace"] == [f"{path} row 2 field 'prompt'"]
     path.write_text("prompt,completion\na,b\na,b,c\n")
     with pytest.raises(cai_data.DataError, match=r"line 3: more cells than the header has columns"):
@@ -412,8 +435,15 @@ def test_source_option_mistakes(tmp_path):
 def test_dry_run_prints_and_writes_the_summary(tmp_path, tiny_model_dir):
     rows = (
         [{"prompt": f"Question number {i}?", "completion": f"Answer {i}."} for i in range(6)]
-        + [{"prompt": "", "completion": "x"}, {"prompt": None, "completion": "x"}, {"prompt": "Question number 0?", "completion": "Answer 0."}]
-        + [{"prompt": "Question number 9?", "completion": "Leaks into train."}, {"prompt": "why " * 200, "completion": "long"}]
+        + [
+            {"prompt": "", "completion": "x"},
+            {"prompt": None, "completion": "x"},
+            {"prompt": "Question number 0?", "completion": "Answer 0."},
+        ]
+        + [
+            {"prompt": "Question number 9?", "completion": "Leaks into train."},
+            {"prompt": "why " * 200, "completion": "long"},
+        ]
     )
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     test = write_jsonl(tmp_path / "test.jsonl", [{"prompt": "question number 9?", "completion": "Held out."}])
@@ -453,7 +483,9 @@ def test_hub_id_offline_says_how_to_use_a_local_copy(tmp_path, monkeypatch):
     with pytest.raises(cai_data.DataError) as e:
         load("some-org/some-dataset")
     msg = str(e.value)
-    assert msg.startswith("dataset 'some-org/some-dataset': not a local file or folder, and the Hugging Face Hub is unreachable")
+    assert msg.startswith(
+        "dataset 'some-org/some-dataset': not a local file or folder, and the Hugging Face Hub is unreachable"
+    )
     assert "hf download some-org/some-dataset --repo-type dataset" in msg and "local folder" in msg
     assert "Traceback" not in msg
 
