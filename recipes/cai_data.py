@@ -344,7 +344,9 @@ def source_name(source: dict) -> str:
     files = source.get("data_files")
     if isinstance(files, dict):
         files = files.get(_train_split(source), next(iter(files.values()), None))
-    return str(files[0] if isinstance(files, list) and len(files) == 1 else files)
+    if isinstance(files, list):
+        return str(files[0]) + (f" (+{len(files) - 1} more files)" if len(files) > 1 else "")
+    return str(files)
 
 
 def split_exists(source: dict, split: str | None) -> bool:

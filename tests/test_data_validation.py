@@ -272,6 +272,16 @@ def test_data_files_problems(tmp_path):
             cai_data.load_pairs(script(), cai_data.CAIDataArguments(datasets=[{"data_files": files}]))
 
 
+def test_data_files_list_is_read_as_one_split_with_per_file_locations(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", OK[:2])
+    b = write_jsonl(tmp_path / "b.jsonl", [OK[2], {"prompt": "", "completion": "x"}])
+    train, _, report = cai_data.load_pairs(
+        script(), cai_data.CAIDataArguments(datasets=[{"data_files": [a, b]}], eval_fraction=0)
+    )
+    assert [(e["source"], e["row"]) for e in train] == [(a, 0), (a, 1), (b, 0)]
+    assert report.locations["prompt empty or whitespace"] == [f"{b} row 1 field 'prompt'"]
+
+
 def test_local_folder_with_split_files(tmp_path):
     write_jsonl(tmp_path / "ds" / "train.jsonl", OK)
     write_jsonl(tmp_path / "ds" / "test.jsonl", [{"prompt": "held", "completion": "out"}])
