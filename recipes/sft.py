@@ -50,6 +50,10 @@ class RecipeArguments:
         default=4, metadata={"help": "Held-out prompts answered greedily at each evaluation (0 turns it off)."}
     )
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of those sample answers."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train again into an output_dir that holds a finished model (otherwise refused)."},
+    )
     global_batch_size: int | None = field(
         default=None,
         metadata={
@@ -79,12 +83,14 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
     is_main = training_args.process_index == 0
     say = print if is_main else (lambda *a, **k: None)
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path,
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-    )
+    with checks.reworded_load_error("model_name_or_path", model_args.model_name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.model_name_or_path,
+            revision=model_args.model_revision,
+            trust_remote_code=training_args.trust_remote_code,
+        )
     cai_data.load_chat_template(tokenizer, training_args.chat_template_path)
+    checks.validate_with_tokenizer(tokenizer, training_args, data_args)
     eos_token = training_args.eos_token or tokenizer.eos_token
     tokenizer.eos_token = eos_token
     training_args.eos_token = eos_token  # SFTTrainer writes it into the model's generation_config
@@ -105,7 +111,7 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
         return None
 
     trainer = build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, eval_ds, eval_rows)
-    resume = checks.checkpoint_to_resume(training_args)
+    resume = checks.checkpoint_to_resume(training_args, recipe_args.overwrite_output_dir)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_metrics("train", train_result.metrics)
     if eval_ds is not None:
@@ -131,6 +137,7 @@ def build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, e
         "attn_implementation": model_args.attn_implementation,
         "dtype": model_args.dtype,
         **(training_args.model_init_kwargs or {}),
+        "use_safetensors": True,  # never unpickle weights
     }
     if eval_ds is None:
         training_args.eval_strategy = "no"
@@ -196,7 +203,6 @@ def model_card_section(trainer, model_args, data_args, dataset, report) -> str:
 
 if __name__ == "__main__":
     try:
-        parser = make_parser()
-        main(*parser.parse_args_and_config())
+        main(*checks.parse_args(make_parser()))
     except cai_data.DataError as e:  # bad data is a message naming file, row and fix, not a traceback
         raise SystemExit(f"Data error: {e}") from None

@@ -1,0 +1,204 @@
+"""Runs that survive: kill -9 mid-training and relaunch, checkpoints cut off mid-write, atomic final save.
+
+The resumed run must end exactly where an uninterrupted run with the same seed ends (weights and per-step loss),
+which holds only if the Trainer restores optimizer, scheduler, RNG and data position and our data prep is
+deterministic.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import PYTHON, RECIPES, ROOT, run_recipe, tiny_config, toy_cai_rows, write_jsonl
+from safetensors.torch import load_file, save_file
+
+import checks
+
+MAX_STEPS, SAVE_STEPS = 8, 2
+
+
+def _config(model_dir, data, out, **overrides):
+    return tiny_config(
+        model_dir, data, out, max_steps=MAX_STEPS, save_strategy="steps", save_steps=SAVE_STEPS,
+        eval_strategy="no", **overrides,
+    )
+
+
+def _losses(out) -> dict[int, float]:
+    state = json.loads((Path(out) / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+def _train_loss(out) -> float:
+    return json.loads((Path(out) / "train_results.json").read_text())["train_loss"]
+
+
+def _max_weight_diff(a, b) -> float:
+    wa, wb = load_file(str(Path(a) / "model.safetensors")), load_file(str(Path(b) / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
+
+
+def _assert_same_run(resumed, reference):
+    diff = _max_weight_diff(resumed, reference)
+    ref, got = _losses(reference), _losses(resumed)
+    assert sorted(got) == list(range(1, MAX_STEPS + 1)), f"log history of the resumed run has steps {sorted(got)}"
+    loss_diff = max(abs(got[s] - ref[s]) for s in ref)
+    print(f"max |weight diff| = {diff:.3g}; max |per-step loss diff| = {loss_diff:.3g}; final loss "
+          f"{got[MAX_STEPS]} vs {ref[MAX_STEPS]}; train_loss {_train_loss(resumed)} vs {_train_loss(reference)}")
+    assert diff <= 1e-6
+    assert loss_diff <= 1e-6
+    assert checks.is_complete(resumed)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory):
+    """One uninterrupted run: checkpoints every 2 steps, final weights and per-step losses."""
+    tmp = tmp_path_factory.mktemp("reference")
+    data = write_jsonl(tmp / "data.jsonl", toy_cai_rows(24))
+    out = tmp / "out"
+    run_recipe(_config(tiny_model_dir, data, out), tmp)
+    return types.SimpleNamespace(out=out, data=data)
+
+
+def test_kill_9_then_relaunch_matches_uninterrupted_run(tiny_model_dir, reference, tmp_path):
+    out = tmp_path / "out"
+    cfg = _config(tiny_model_dir, reference.data, out)
+    cfg_path = tmp_path / "config_sft.yaml"  # the file and command that run_recipe uses for the relaunch
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    cmd = [PYTHON, str(RECIPES / "sft.py"), "--config", str(cfg_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        second = out / f"checkpoint-{2 * SAVE_STEPS}"
+        while proc.poll() is None and checks.checkpoint_problem(str(second)) is not None:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before the test could kill it"
+    assert not checks.is_complete(out) and not (out / "model.safetensors").exists()
+
+    resumed = run_recipe(cfg, tmp_path)
+    assert "Resuming from" in resumed.stdout, resumed.stdout[-2000:]
+    _assert_same_run(out, reference.out)
+
+
+def test_checkpoint_cut_off_mid_write_is_skipped(tiny_model_dir, reference, tmp_path):
+    """Newest checkpoint without trainer_state.json, the one before with a truncated model.safetensors."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for step in (2, 4, 6):
+        shutil.copytree(reference.out / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    (out / "checkpoint-6" / "trainer_state.json").unlink()
+    weights = out / "checkpoint-4" / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+
+    proc = run_recipe(_config(tiny_model_dir, reference.data, out), tmp_path)
+    log = proc.stdout
+    assert f"Skipping {out / 'checkpoint-6'}: trainer_state.json is missing" in log, log[-3000:]
+    assert f"Skipping {out / 'checkpoint-4'}: model.safetensors is truncated" in log, log[-3000:]
+    assert f"Resuming from {out / 'checkpoint-2'}" in log
+    assert (out / "incomplete-checkpoint-4").is_dir() and (out / "incomplete-checkpoint-6").is_dir()
+    _assert_same_run(out, reference.out)
+
+
+# --------------------------------------------------------------------------------------------- unit checks
+
+
+def _fake_checkpoint(path: Path) -> Path:
+    path.mkdir(parents=True)
+    save_file({"w": torch.arange(64, dtype=torch.float32).reshape(8, 8)}, str(path / "model.safetensors"))
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+        torch.save({"x": torch.zeros(256)}, path / name)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": 4, "log_history": []}))
+    return path
+
+
+def _truncate(path: Path, keep: float = 0.5):
+    with open(path, "r+b") as f:
+        f.truncate(int(path.stat().st_size * keep))
+
+
+BREAKAGES = {
+    "no trainer_state.json": (lambda c: (c / "trainer_state.json").unlink(), "trainer_state.json is missing"),
+    "trainer_state.json cut off": (lambda c: _truncate(c / "trainer_state.json"), "trainer_state.json is not valid"),
+    "weights truncated": (lambda c: _truncate(c / "model.safetensors", 0.9), "model.safetensors is truncated"),
+    "weights header cut": (lambda c: _truncate(c / "model.safetensors", 0.02), "model.safetensors"),
+    "no weights": (lambda c: (c / "model.safetensors").unlink(), "no model weights"),
+    "no optimizer": (lambda c: (c / "optimizer.pt").unlink(), "optimizer.pt is missing"),
+    "optimizer truncated": (lambda c: _truncate(c / "optimizer.pt"), "optimizer.pt is truncated"),
+    "rng state truncated": (lambda c: _truncate(c / "rng_state.pth"), "rng_state.pth is truncated"),
+}
+
+
+def test_complete_fake_checkpoint_passes(tmp_path):
+    assert checks.checkpoint_problem(str(_fake_checkpoint(tmp_path / "checkpoint-4"))) is None
+
+
+@pytest.mark.parametrize("breakage", list(BREAKAGES))
+def test_incomplete_checkpoint_detected(tmp_path, breakage):
+    ckpt = _fake_checkpoint(tmp_path / "checkpoint-4")
+    damage, reason = BREAKAGES[breakage]
+    damage(ckpt)
+    problem = checks.checkpoint_problem(str(ckpt))
+    assert problem is not None and reason in problem
+
+
+def test_newest_complete_checkpoint_chosen_and_broken_set_aside(tmp_path, capsys):
+    for step in (2, 4, 10):
+        _fake_checkpoint(tmp_path / f"checkpoint-{step}")
+    (tmp_path / "checkpoint-10" / "optimizer.pt").unlink()
+    args = types.SimpleNamespace(output_dir=str(tmp_path), process_index=0, resume_from_checkpoint=None,
+                                 save_only_model=False)
+    assert checks.checkpoint_to_resume(args) == str(tmp_path / "checkpoint-4")
+    assert "Skipping" in capsys.readouterr().out and (tmp_path / "incomplete-checkpoint-10").is_dir()
+    args.resume_from_checkpoint = str(tmp_path / "checkpoint-2")
+    assert checks.checkpoint_to_resume(args) == str(tmp_path / "checkpoint-2")
+    _truncate(tmp_path / "checkpoint-2" / "model.safetensors")
+    with pytest.raises(SystemExit, match="resume_from_checkpoint: .* is incomplete"):
+        checks.checkpoint_to_resume(args)
+
+
+class _StubTrainer:
+    """What save_model_atomically uses of a Trainer; `crash` makes save_model die half way through a file."""
+
+    def __init__(self, crash=False):
+        self.crash = crash
+        self.accelerator = types.SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+
+    def save_model(self, path):
+        os.makedirs(path, exist_ok=True)
+        Path(path, "config.json").write_text("{}")
+        with open(os.path.join(path, "model.safetensors"), "wb") as f:
+            f.write(b"\x00" * 100)
+            if self.crash:
+                raise RuntimeError("No space left on device")
+            f.write(b"\x00" * 100)
+
+
+def test_crash_while_saving_never_looks_finished(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    checks.mark_complete(str(out))  # a finished run being overwritten
+    with pytest.raises(RuntimeError):
+        checks.save_model_atomically(_StubTrainer(crash=True), str(out))
+    assert not checks.is_complete(out)
+    assert not (out / "model.safetensors").exists()  # the half-written file stays in the temporary folder
+    assert checks.output_dir_problem(str(out), overwrite=False) is None  # a relaunch is not refused
+
+    checks.save_model_atomically(_StubTrainer(), str(out))
+    assert not (out / checks.FINAL_TMP).exists() and (out / "model.safetensors").stat().st_size == 200
+    assert not checks.is_complete(out)  # not until the marker is written, last
+    checks.mark_complete(str(out))
+    marker = json.loads((out / checks.COMPLETE_MARKER).read_text())
+    assert marker["files"]["model.safetensors"] == 200 and checks.is_complete(out)
+    assert "--overwrite_output_dir" in checks.output_dir_problem(str(out), overwrite=False)
