@@ -60,6 +60,19 @@ def generate_local(model, tokenizer, conversations: list[list[dict]], max_new_to
     return outputs
 
 
+def generate_vllm(llm, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 128,
+                  temperature: float = 0.0, seed: int | None = None) -> list[str]:
+    """Like generate_local, through a `vllm.LLM`: the same rendered prompts, token ids passed as they are."""
+    from vllm import SamplingParams
+
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    # Token ids, not text: vLLM would add a BOS token the chat template already holds.
+    prompts = [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                            stop_token_ids=[tokenizer.eos_token_id])
+    return [o.outputs[0].text.strip() for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
 class EndpointError(RuntimeError):
     """An OpenAI-compatible endpoint failed; the message never contains the API key."""
 
