@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 MODEL_DIR ?= models/SmolLM2-135M-Instruct
 
-.PHONY: install model demo test dry-run
+.PHONY: install model demo test dry-run generate
 install:
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
@@ -18,6 +18,10 @@ demo: model
 
 dry-run: model
 	$(PY) recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml --dry_run
+
+# Critique-and-revise the 10 bundled red-team prompts on CPU -> outputs/generated/revisions.jsonl (resumable).
+generate: model
+	$(PY) recipes/generate_revisions.py --config recipes/smollm2-135m/generate_demo.yaml
 
 test:
 	$(PY) -m pytest -q tests
