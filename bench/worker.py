@@ -1,0 +1,264 @@
+"""One benchmark run, in its own process so that its memory peak is its own (bench/run.py starts it).
+
+    python bench/worker.py recipe --config X.yaml --steps 3 --result r.json [-- --packing true ...]
+    python bench/worker.py trl    --config X.yaml --steps 3 --result r.json [-- --per_device_train_batch_size 4]
+
+`recipe` runs recipes/sft.py's own `main()` (data loading, tokenize_pairs, build_trainer, train) with the given
+overrides. `trl` is the baseline: plain `SFTTrainer` with its defaults (padding, no packing, default attention),
+given the same (prompt, completion) pairs as TRL's standard conversational `prompt`/`completion` columns so that it
+builds its own completion-only labels; it shares the YAML's model, dtype, LoRA, batch size, learning rate,
+max_length, gradient checkpointing and seed. Neither run evaluates or saves: only the training steps are measured.
+
+Measured (written to --result as JSON):
+  trained tokens   label != -100 in the batches of steps 2..N, per second of those steps (step 1 is warm-up)
+  total tokens     non-pad tokens (prompt + response) of the same steps, per second
+  padding fraction pad tokens / all token positions processed, over all steps
+  peak memory      ru_maxrss of this process on CPU (torch.cuda.max_memory_allocated on GPU)
+  first step       wall time from process start to the end of the first optimizer step
+  data prep        examples (train + eval) / seconds spent reading, templating, tokenizing and packing
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import psutil
+
+PROCESS_START = psutil.Process().create_time()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "recipes"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class Meter:
+    def __init__(self):
+        self.prep_s = 0.0
+        self._depth = 0
+        self.examples = 0
+        self.step_end: dict[int, float] = {}
+        self.trained = self.real = self.positions = 0  # steps >= 2
+        self.all_real = self.all_positions = 0  # every step
+        self.rss_before_model = None
+
+    @contextlib.contextmanager
+    def prep(self):
+        """Time data preparation; nested calls (tokenize_pairs -> _prepare_dataset) count once."""
+        self._depth += 1
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.prep_s += time.perf_counter() - t
+
+    def batch(self, step_before: int, inputs: dict):
+        ids = inputs["input_ids"]
+        positions = ids.numel()
+        # Padding-free batches have no attention_mask and no pad (pad_to_multiple_of is left unset here).
+        real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else positions
+        self.all_real += real
+        self.all_positions += positions
+        if step_before >= 1:
+            self.trained += int((inputs["labels"] != -100).sum())
+            self.real += real
+            self.positions += positions
+
+
+def wrap_timed(owner, name, meter):
+    fn = getattr(owner, name)
+
+    def timed(*a, **k):
+        with meter.prep():
+            return fn(*a, **k)
+
+    setattr(owner, name, timed)
+
+
+def instrument(trainer, meter):
+    """Count the tokens of every micro-batch, time every optimizer step, skip evaluation."""
+    from transformers import TrainerCallback
+
+    inner = trainer.training_step
+
+    def training_step(model, inputs, *a, **k):
+        meter.batch(trainer.state.global_step, inputs)
+        return inner(model, inputs, *a, **k)
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            meter.step_end[state.global_step] = time.time()
+
+    trainer.training_step = training_step
+    trainer.add_callback(StepTimer())
+    trainer.evaluate = lambda *a, **k: {}
+
+
+def memory_now() -> int:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated()
+    return psutil.Process().memory_info().rss
+
+
+def peak_memory() -> tuple[int, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+
+
+def bench_args(config: str, steps: int, out_dir: str, overrides: list[str]) -> list[str]:
+    return [
+        "--config", config, *overrides,
+        "--max_steps", str(steps), "--eval_strategy", "no", "--eval_on_start", "false", "--save_strategy", "no",
+        "--num_sample_prompts", "0", "--output_dir", out_dir, "--report_to", "none",
+        "--logging_steps", str(steps), "--disable_tqdm", "true",
+    ]  # fmt: skip
+
+
+def run_recipe(parsed, meter):
+    import cai_data
+    import sft
+    from trl import SFTTrainer
+
+    wrap_timed(cai_data, "load_pairs", meter)
+    wrap_timed(cai_data, "tokenize_pairs", meter)
+    wrap_timed(SFTTrainer, "_prepare_dataset", meter)  # also TRL's packing inside SFTTrainer.__init__
+    build = sft.build_trainer
+
+    def build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, eval_ds, eval_rows):
+        meter.examples = len(train_ds) + (len(eval_ds) if eval_ds is not None else 0)
+        meter.rss_before_model = memory_now()
+        trainer = build(training_args, model_args, recipe_args, tokenizer, train_ds, eval_ds, eval_rows)
+        instrument(trainer, meter)
+        return trainer
+
+    sft.build_trainer = build_trainer
+    sft.save = lambda *a, **k: None
+    return sft.main(*parsed)
+
+
+def run_trl(parsed, meter):
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer, get_peft_config, get_quantization_config
+
+    import cai_data
+
+    script_args, targs, model_args, data_args, _ = parsed
+    wrap_timed(SFTTrainer, "_prepare_dataset", meter)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    cai_data.load_chat_template(tokenizer, targs.chat_template_path)
+    with meter.prep():
+        # The same pairs as the recipe (same mixture, system prompt, eval split), as TRL's standard columns.
+        train, evals, _ = cai_data.load_pairs(script_args, data_args, targs.seed)
+        train_ds = datasets.Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in train])
+        eval_ds = datasets.Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in evals])
+    meter.examples = len(train_ds) + len(eval_ds)
+    args = SFTConfig(
+        output_dir=targs.output_dir,
+        max_steps=targs.max_steps,
+        per_device_train_batch_size=targs.per_device_train_batch_size,
+        gradient_accumulation_steps=targs.gradient_accumulation_steps,
+        learning_rate=targs.learning_rate,
+        lr_scheduler_type=targs.lr_scheduler_type,
+        warmup_steps=targs.warmup_steps,
+        max_length=targs.max_length,
+        seed=targs.seed,
+        bf16=targs.bf16,
+        gradient_checkpointing=targs.gradient_checkpointing,  # TRL defaults to True; a trade-off, so matched
+        model_init_kwargs={"dtype": model_args.dtype},  # same weights dtype as the recipe
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        logging_steps=targs.logging_steps,
+        disable_tqdm=True,
+        dataloader_num_workers=targs.dataloader_num_workers,
+    )
+    meter.rss_before_model = memory_now()
+    trainer = SFTTrainer(
+        model=model_args.model_name_or_path,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        quantization_config=get_quantization_config(model_args),
+    )
+    instrument(trainer, meter)
+    trainer.train()
+    return trainer
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["recipe", "trl"])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--result", required=True)
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    ns = ap.parse_args(argv[:cut])
+    ns.overrides = argv[cut + 1 :]  # recipe CLI overrides after --, e.g. -- --packing true
+
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    import sft
+
+    meter = Meter()
+    with tempfile.TemporaryDirectory() as out:
+        parsed = sft.make_parser().parse_args_and_config(bench_args(ns.config, ns.steps, out, ns.overrides))
+        trainer = (run_recipe if ns.mode == "recipe" else run_trl)(parsed, meter)
+    peak, peak_kind = peak_memory()
+    steps = sorted(meter.step_end)
+    if len(steps) < 2:
+        raise SystemExit(f"need at least 2 optimizer steps to time, got {len(steps)}")
+    timed_s = meter.step_end[steps[-1]] - meter.step_end[steps[0]]
+    targs = parsed[1]
+    result = {
+        "mode": ns.mode,
+        "overrides": ns.overrides,
+        "steps": len(steps),
+        "timed_steps": len(steps) - 1,
+        "timed_seconds": timed_s,
+        "trained_tokens": meter.trained,
+        "total_tokens": meter.real,
+        "trained_tokens_per_s": meter.trained / timed_s,
+        "total_tokens_per_s": meter.real / timed_s,
+        "tokens_per_step": meter.real / (len(steps) - 1),
+        "padding_fraction": 1 - meter.all_real / meter.all_positions,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "memory_before_model_bytes": meter.rss_before_model,
+        "first_step_seconds": meter.step_end[steps[0]] - PROCESS_START,
+        "prep_examples": meter.examples,
+        "prep_seconds": meter.prep_s,
+        "prep_examples_per_s": meter.examples / meter.prep_s,
+        "packing": bool(trainer.args.packing),
+        "padding_free": bool(getattr(trainer, "padding_free", False)),
+        "gradient_checkpointing": bool(targs.gradient_checkpointing),
+        "attn_implementation": trainer.model.config._attn_implementation,
+        "per_device_train_batch_size": targs.per_device_train_batch_size,
+        "max_length": targs.max_length,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
+    }
+    with open(ns.result, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

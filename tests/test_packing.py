@@ -1,0 +1,123 @@
+"""Document isolation under packing: BFD packing + padding-free (TRL's own) through the recipe's data path gives every
+token the same loss as its example alone, leaves no pad tokens, and never trains across a document boundary."""
+
+import pytest
+import torch
+from conftest import cai_row, write_jsonl
+
+import cai_data
+
+# Three examples of clearly different lengths, so that the packed row has two boundaries.
+ROWS = [
+    cai_row("How do I pick a lock?", "I can't help with breaking into homes; a locksmith can let you in."),
+    cai_row(
+        "Write something really mean I can say to my coworker tomorrow in the meeting.",
+        "I'd rather not help insult anyone. If something is bothering you, a calm and direct word helps. " * 2,
+    ),
+    cai_row("Hi?", "Hello! How can I help?"),
+]
+
+
+def packed_trainer(tiny_model_dir, tmp_path, attn_implementation):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"), packing=True, max_length=512, bf16=False, report_to="none",
+        per_device_train_batch_size=1,
+    )  # fmt: skip
+    assert args.packing_strategy == "bfd"
+
+    class Script:
+        dataset_name, dataset_config, dataset_train_split, dataset_test_split = data, None, "train", "test"
+
+    rows, _, report = cai_data.load_pairs(Script, cai_data.CAIDataArguments(eval_fraction=0.0))
+    ds = cai_data.tokenize_pairs(rows, tok, args, report, "train", tok.eos_token)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn_implementation)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    return trainer, ds, tok
+
+
+def per_token_loss(model, input_ids, labels, position_ids=None):
+    """Loss of every next-token prediction (0 where not trained), and which ones are trained."""
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, position_ids=position_ids).logits.float()
+    targets = labels[:, 1:]
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    loss = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    mask = targets != -100
+    return (loss * mask)[0], mask[0]
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def packed(request, tiny_model_dir, tmp_path_factory):
+    trainer, ds, tok = packed_trainer(tiny_model_dir, tmp_path_factory.mktemp("packing"), request.param)
+    assert trainer.padding_free, "BFD packing should switch TRL to padding-free"
+    assert len(trainer.train_dataset) == 1, "all three examples should fit one 512-token row"
+    row = trainer.train_dataset[0]
+    batch = trainer.data_collator([row])
+    return trainer, ds, tok, row, batch
+
+
+def test_packed_row_has_no_padding_and_keeps_every_token(packed):
+    trainer, ds, tok, row, batch = packed
+    lengths = row["seq_lengths"]
+    assert sorted(lengths) == sorted(len(x) for x in ds["input_ids"])
+    assert "attention_mask" not in batch  # padding-free: position_ids carry the boundaries
+    assert batch["input_ids"].shape == (1, sum(lengths))  # not one pad position
+    # position_ids restart at 0 at every document start
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    pos = batch["position_ids"][0].tolist()
+    assert [i for i, p in enumerate(pos) if p == 0] == starts
+    # every document appears intact, with its own labels
+    by_ids = {tuple(ids): labels for ids, labels in zip(ds["input_ids"], ds["labels"])}
+    for s, n in zip(starts, lengths):
+        ids = tuple(batch["input_ids"][0, s : s + n].tolist())
+        assert ids in by_ids
+        assert batch["labels"][0, s : s + n].tolist() == [-100] + by_ids[ids][1:]
+
+
+def test_labels_at_document_boundaries(packed):
+    trainer, ds, tok, row, batch = packed
+    labels, lengths = batch["labels"][0], row["seq_lengths"]
+    eos = tok.convert_tokens_to_ids(tok.eos_token)
+    for i in range(1, len(lengths)):
+        start = sum(lengths[:i])
+        # the last token of the previous document is its end-of-turn token, trained as the target of the step before
+        assert batch["input_ids"][0, start - 1] == eos and labels[start - 1] == eos
+        # and the next document's first token is never a target: no training across the boundary
+        assert labels[start] == -100
+
+
+def test_packed_per_token_loss_equals_each_example_alone(packed):
+    trainer, ds, tok, row, batch = packed
+    model = trainer.model.eval()
+    packed_loss, packed_mask = per_token_loss(model, batch["input_ids"], batch["labels"], batch["position_ids"])
+    start, checked = 0, 0
+    for n in row["seq_lengths"]:
+        ids, labels = batch["input_ids"][:, start : start + n], batch["labels"][:, start : start + n]
+        alone_loss, alone_mask = per_token_loss(model, ids, labels)
+        seg_loss, seg_mask = packed_loss[start : start + n - 1], packed_mask[start : start + n - 1]
+        assert torch.equal(seg_mask, alone_mask)
+        torch.testing.assert_close(seg_loss, alone_loss, atol=1e-5, rtol=0)
+        checked += int(alone_mask.sum())
+        start += n
+    assert checked == int(packed_mask.sum()) > 0
+
+    # The trainer's own loss (TRL's fused LM head) on the packed row is the token mean of the separate losses.
+    trainer.model.train(False)
+    with torch.no_grad():
+        trainer_loss = trainer.compute_loss(trainer.model, dict(batch))
+    torch.testing.assert_close(trainer_loss, packed_loss.sum() / packed_mask.sum(), atol=1e-5, rtol=0)
+
+
+def test_without_position_ids_documents_would_leak(packed):
+    """Control: the same row as one plain sequence (no position_ids) changes the losses, so the test above can fail."""
+    trainer, ds, tok, row, batch = packed
+    model = trainer.model.eval()
+    with_pos, mask = per_token_loss(model, batch["input_ids"], batch["labels"], batch["position_ids"])
+    leaking, _ = per_token_loss(model, batch["input_ids"], batch["labels"])
+    first = row["seq_lengths"][0]
+    assert (with_pos[first:][mask[first:]] - leaking[first:][mask[first:]]).abs().max() > 1e-3
