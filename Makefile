@@ -25,3 +25,35 @@ generate: model
 
 test:
 	$(PY) -m pytest -q tests
+
+# Scale out (docs/SCALING.md): Mistral-7B on GPUs. NUM_GPUS sets --num_processes; ARGS adds recipe overrides.
+# DRY_RUN=1 runs the same recipe offline in one CPU process: Mistral-7B config (no weights) + stand-in
+# tokenizer (make standin-7b), bundled data, --dry_run (writes preview.jsonl, loads no weights).
+NUM_GPUS ?= 8
+ACCELERATE ?= $(PY) -m accelerate.commands.launch
+STANDIN_7B ?= models/mistral-7b-standin
+DRY_RUN_7B = --model_name_or_path $(STANDIN_7B) --dataset_name data/cai_train.jsonl --dataset_train_split train \
+	--dataset_test_split test --output_dir outputs/dry-run/$(basename $(1)) --dry_run
+# $(call launch_7b,accelerate config,recipe,processes)
+launch_7b = $(if $(DRY_RUN),$(PY) recipes/sft.py --config recipes/mistral-7b/$(2) $(call DRY_RUN_7B,$(2)),\
+	$(ACCELERATE) --config_file accelerate_configs/$(1) --num_processes $(3) recipes/sft.py \
+	--config recipes/mistral-7b/$(2)) $(ARGS)
+
+.PHONY: train-7b train-7b-lora train-7b-full merge standin-7b
+train-7b: $(if $(DRY_RUN),standin-7b)
+	$(call launch_7b,single_gpu.yaml,sft_qlora.yaml,1)
+
+train-7b-lora: $(if $(DRY_RUN),standin-7b)
+	$(call launch_7b,multi_gpu.yaml,sft_lora.yaml,$(NUM_GPUS))
+
+train-7b-full: $(if $(DRY_RUN),standin-7b)
+	$(call launch_7b,deepspeed_zero3.yaml,sft_full.yaml,$(NUM_GPUS))
+
+standin-7b: $(STANDIN_7B)/config.json
+$(STANDIN_7B)/config.json:
+	$(PY) recipes/make_standin.py --output $(STANDIN_7B)
+
+# make merge ADAPTER=outputs/mistral-7b-cai-sft-qlora OUT=outputs/mistral-7b-cai-sft-merged
+merge:
+	$(if $(and $(ADAPTER),$(OUT)),,$(error set ADAPTER=<adapter folder> and OUT=<output folder>))
+	$(PY) recipes/merge.py --adapter $(ADAPTER) --output $(OUT) $(ARGS)

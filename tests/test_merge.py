@@ -1,0 +1,103 @@
+"""recipes/merge.py: the merged model computes what base + adapter computes, and ships tokenizer, chat
+template and generation_config so that it chats and stops like the adapter it came from."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON, RECIPES, ROOT, build_model_dir
+
+import merge
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A tiny seed-template base and a LoRA adapter on every linear layer, saved like sft.py saves one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("merge")
+    base = build_model_dir(root / "base", "seed")
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():  # lora_B starts at zero; make the update large so a lost or half merge shows
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    out = root / "adapter"
+    model.save_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.chat_template = (RECIPES / "templates" / "cai_seed.jinja").read_text() + "{# trained #}"
+    tok.save_pretrained(out)
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("</s>")
+    model.generation_config.max_new_tokens = 77
+    model.generation_config.save_pretrained(out)
+    return base, str(out)
+
+
+def logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def run_merge(*args):
+    proc = subprocess.run([PYTHON, str(RECIPES / "merge.py"), *args], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def test_merged_model_equals_base_plus_adapter(adapter, tmp_path):
+    import torch
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    base, adapter_dir = adapter
+    out = tmp_path / "merged"
+    run_merge("--adapter", adapter_dir, "--output", str(out))
+
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64]])
+    reference = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter_dir).eval(), ids)
+    merged_model = AutoModelForCausalLM.from_pretrained(out).eval()
+    merged = logits(merged_model, ids)
+    torch.testing.assert_close(merged, reference, atol=1e-5, rtol=0)
+    assert (merged - logits(AutoModelForCausalLM.from_pretrained(base).eval(), ids)).abs().max() > 1e-2
+
+    # A plain model: safetensors weights only, no LoRA tensors, no adapter files.
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any("lora" in k or k.startswith("base_model.") for k in keys)
+    assert merged_model.dtype == torch.float32
+
+    # Tokenizer, chat template and generation_config come from the adapter folder (what training saved).
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template.endswith("{# trained #}")
+    gen = GenerationConfig.from_pretrained(out)
+    assert gen.max_new_tokens == 77 and gen.eos_token_id == tok.convert_tokens_to_ids("</s>")
+
+
+def test_merge_dtype_and_explicit_base(adapter, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base, adapter_dir = adapter
+    cfg = json.loads(Path(adapter_dir, "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == base  # what merge.py falls back to without --base
+    out = tmp_path / "merged_bf16"
+    merge.main(["--adapter", adapter_dir, "--output", str(out), "--base", base, "--dtype", "bfloat16"])  # in-process
+    assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16
+
+
+def test_merge_refuses_a_folder_without_adapter(tmp_path):
+    with pytest.raises(SystemExit, match="no adapter_config.json"):
+        merge.main(["--adapter", str(tmp_path), "--output", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
