@@ -108,6 +108,9 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
     if recipe_args.dry_run:
         if is_main:
             checks.write_preview(train_ds, tokenizer, training_args, model_args, report)
+            import memory  # peak GPU memory per GPU from the config alone (docs/BENCHMARKS.md)
+
+            memory.print_estimate(training_args, model_args)
         return None
 
     trainer = build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, eval_ds, eval_rows)
