@@ -15,7 +15,7 @@ python recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml --dry_run   # 
 accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/sft.py \
     --config recipes/mistral-7b/sft_qlora.yaml
 accelerate launch --config_file accelerate_configs/multi_gpu.yaml --num_processes 4 recipes/sft.py \
-    --config recipes/mistral-7b/sft_lora.yaml --gradient_accumulation_steps 4
+    --config recipes/mistral-7b/sft_lora.yaml   # global_batch_size fixes gradient accumulation per GPU count
 accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/sft.py \
     --config recipes/mistral-7b/sft_full.yaml
 ```

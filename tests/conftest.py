@@ -29,7 +29,7 @@ TEMPLATES = {
     ),
     "gemma": ("gemma.jinja", ["<bos>", "<start_of_turn>", "<end_of_turn>"], "<end_of_turn>"),
     "phi3": ("phi3.jinja", ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<|end|>"),
-    "seed": (str(RECIPES / "templates" / "cai_seed.jinja"), ["</s>"], "</s>"),
+    "seed": (str(RECIPES / "templates" / "cai_seed.jinja"), ["<s>", "</s>"], "</s>"),
 }
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
@@ -58,7 +58,7 @@ def build_tokenizer(template: str = "chatml"):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
-    bos = next((t for t in specials if t in ("<|begin_of_text|>", "<bos>")), None)
+    bos = next((t for t in specials if t in ("<|begin_of_text|>", "<bos>", "<s>")), None)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token=eos, bos_token=bos
     )

@@ -76,6 +76,14 @@ def test_golden_labels_real_templates(tmp_path, template):
     assert_golden(tok, ds[0])
 
 
+def test_seed_template_starts_with_bos_and_trains_only_response(tmp_path):
+    tok, ds, _ = prepare(tmp_path, [cai_row(PROMPT, RESPONSE)], template="seed")
+    ids = ds[0]["input_ids"]
+    assert ids[0] == tok.convert_tokens_to_ids("<s>") and ds[0]["labels"][0] == -100
+    assert tok.decode(ids).startswith("<s><|system|>\n" + SYSTEM + "\n<|user|>\n" + PROMPT + "\n<|assistant|>\n")
+    assert trained_text(tok, ds[0]) == RESPONSE + "</s>"
+
+
 def test_gemma_template_without_system_role(tmp_path):
     # Gemma's template rejects a system role: the system prompt can be turned off.
     tok, ds, _ = prepare(tmp_path, [cai_row(PROMPT, RESPONSE)], template="gemma", system_prompt=None)
