@@ -20,8 +20,10 @@ dry-run: model
 	$(PY) recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml --dry_run
 
 # Critique-and-revise the 10 bundled red-team prompts on CPU -> outputs/generated/revisions.jsonl (resumable).
+# One thread: a 135M model gains little from more, and on shared cores two threads ran 8x slower (GEN_THREADS=2 to try).
+GEN_THREADS ?= 1
 generate: model
-	$(PY) recipes/generate_revisions.py --config recipes/smollm2-135m/generate_demo.yaml
+	OMP_NUM_THREADS=$(GEN_THREADS) $(PY) recipes/generate_revisions.py --config recipes/smollm2-135m/generate_demo.yaml
 
 test:
 	$(PY) -m pytest -q tests

@@ -526,7 +526,7 @@ def print_summary(s: dict) -> None:
     print(f"\nSummary ({summary_path(s['output'])}):")
     print(f"  rows in {s['output']}: {s['rows_in_output']} of {s['prompts']} prompts "
           f"({s['already_done_at_start']} done before, {s['generated_this_run']} generated now, "
-          f"{s['rows_per_s']} rows/s)")
+          f"{s['rows_per_s'] or '-'} rows/s)")
     print(f"  flagged rows (left out of SFT by exclude_flagged): {s['flagged_rows']}")
     for flag, n in sorted(s["flags"].items()):
         print(f"    {flag}: {n}, e.g. prompt_index {s['flag_examples_prompt_index'][flag]}")
