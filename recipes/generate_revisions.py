@@ -22,8 +22,11 @@ output as `<output>.summary.json`. The flag heuristics are documented in docs/GE
 # Demo on CPU (embedded SmolLM2-135M-Instruct, the bundled red-team prompts and constitution)
 ```bash
 python recipes/generate_revisions.py --config recipes/smollm2-135m/generate_demo.yaml
-python recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml --dataset_name outputs/generated/revisions.jsonl
+python recipes/sft.py --model_name_or_path models/SmolLM2-135M-Instruct --dtype float32 --use_peft \
+    --lora_target_modules q_proj v_proj --max_steps 10 --per_device_train_batch_size 4 --report_to none \
+    --dataset_name outputs/generated/revisions.jsonl --output_dir outputs/smollm2-135m-generated-sft
 ```
+(or add the file to a `datasets:` mixture in your SFT YAML: docs/GENERATION.md)
 
 # One GPU (transformers), vLLM, or any OpenAI-compatible endpoint
 ```bash
@@ -280,8 +283,9 @@ def read_done(args: GenerateArguments, prompts: list[tuple[int, str]], settings:
             before = json.load(f).get("settings", {})
         changed = sorted(k for k in RESUME_KEYS if before.get(k) != settings.get(k))
         if changed:
+            what = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise cai_data.DataError(
-                f"{path} was generated with other settings ({', '.join(f'{k}: {before.get(k)!r} -> {settings.get(k)!r}' for k in changed)}). "
+                f"{path} was generated with other settings ({what}). "
                 "Resume with the same settings, choose another output_path, or pass --overwrite true to start afresh."
             )
     by_index = dict(prompts)

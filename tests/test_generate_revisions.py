@@ -314,7 +314,8 @@ def test_vllm_not_installed_says_so(files, tiny_model_dir, tmp_path, monkeypatch
 
 def test_bad_inputs_name_the_file_row_and_field(files, tmp_path):
     bad = tmp_path / "constitution.json"
-    bad.write_text(json.dumps([CONSTITUTION[0], {"id": "x", "name": "X", "critique_request": "", "revision_request": "r"}]))
+    empty_critique = {"id": "x", "name": "X", "critique_request": "", "revision_request": "r"}
+    bad.write_text(json.dumps([CONSTITUTION[0], empty_critique]))
     with pytest.raises(cai_data.DataError, match=r"constitution.json: principle 1: field 'critique_request'"):
         gr.load_constitution(str(bad))
     args = gr.GenerateArguments(dataset_name=files["prompts"], prompt_column="question")
