@@ -2,7 +2,7 @@
 PY ?= .venv/bin/python
 MODEL_DIR ?= models/SmolLM2-135M-Instruct
 
-.PHONY: install model demo test dry-run generate
+.PHONY: install model demo test dry-run generate eval
 install:
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
@@ -15,9 +15,15 @@ $(MODEL_DIR)/model.safetensors:
 
 demo: model
 	$(PY) recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml
+	OMP_WAIT_POLICY=PASSIVE $(PY) recipes/evaluate.py --config recipes/smollm2-135m/eval_demo.yaml
 
 dry-run: model
 	$(PY) recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml --dry_run
+
+# M_base vs the demo's M_SFT (docs/EVALUATION.md): prints a table, writes eval_report.md/.json next to the adapter.
+# OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning; on busy shared cores that ran 5x faster.
+eval: model
+	OMP_WAIT_POLICY=PASSIVE $(PY) recipes/evaluate.py --config recipes/smollm2-135m/eval_demo.yaml
 
 # Critique-and-revise the 10 bundled red-team prompts on CPU -> outputs/generated/revisions.jsonl (resumable).
 # One thread: a 135M model gains little from more, and on shared cores two threads ran 8x slower (GEN_THREADS=2 to try).
