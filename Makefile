@@ -65,3 +65,11 @@ $(STANDIN_7B)/config.json:
 merge:
 	$(if $(and $(ADAPTER),$(OUT)),,$(error set ADAPTER=<adapter folder> and OUT=<output folder>))
 	$(PY) recipes/merge.py --adapter $(ADAPTER) --output $(OUT) $(ARGS)
+
+# Trained tokens/s, padding, peak memory, time to first step, data prep: ratios to plain TRL measured in the same
+# run, median of interleaved reps, each run in a fresh process (docs/BENCHMARKS.md). About 5 min on 2 CPU cores.
+BENCH_CONFIG ?= recipes/smollm2-135m/sft_demo.yaml
+BENCH_ARGS ?= --steps 3 --reps 3 --variant "packed: --packing true --max_length 256 --per_device_train_batch_size 4"
+.PHONY: bench
+bench: model
+	$(PY) bench/run.py --config $(BENCH_CONFIG) $(BENCH_ARGS)
