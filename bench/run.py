@@ -50,7 +50,7 @@ def run_one(mode: str, config: str, steps: int, overrides: list[str], log_dir: s
     log = os.path.join(log_dir, f"{tag}.log")
     cmd = [sys.executable, WORKER, mode, "--config", config, "--steps", str(steps), "--result", result, "--", *overrides]
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=child_env())
     if proc.returncode != 0:
         with open(log) as f:
             tail = f.read()[-3000:]
@@ -59,6 +59,12 @@ def run_one(mode: str, config: str, steps: int, overrides: list[str], log_dir: s
         out = json.load(f)
     os.unlink(result)
     return out
+
+
+def child_env() -> dict:
+    # Idle OpenMP threads sleep instead of spinning: on shared cores spinning ran training 4x slower (BENCHMARKS.md).
+    # Same for every run, so the ratios are unaffected; export OMP_WAIT_POLICY=ACTIVE to measure the other way.
+    return {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), "HF_HUB_OFFLINE": "1"}
 
 
 def fmt(key: str, v: float) -> str:
@@ -112,7 +118,8 @@ def environment() -> dict:
         device = "unknown"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {"python": platform.python_version(), "machine": platform.processor() or platform.machine(),
-            "device": device, "load_average_at_start": load, **versions}  # fmt: skip
+            "device": device, "load_average_at_start": load, "OMP_WAIT_POLICY": child_env()["OMP_WAIT_POLICY"],
+            **versions}  # fmt: skip
 
 
 def main(argv=None):

@@ -47,6 +47,7 @@ class Meter:
         self.trained = self.real = self.positions = 0  # steps >= 2
         self.all_real = self.all_positions = 0  # every step
         self.rss_before_model = None
+        self.largest_batch = (0, 0)  # (rows, positions per row) of the largest micro-batch
 
     @contextlib.contextmanager
     def prep(self):
@@ -66,6 +67,8 @@ class Meter:
         # Padding-free batches have no attention_mask and no pad (pad_to_multiple_of is left unset here).
         real = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else positions
         self.all_real += real
+        if ids.numel() > self.largest_batch[0] * self.largest_batch[1]:
+            self.largest_batch = tuple(ids.shape)
         self.all_positions += positions
         if step_before >= 1:
             self.trained += int((inputs["labels"] != -100).sum())
@@ -256,8 +259,28 @@ def main():
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
     }
+    result.update(memory_estimate(parsed, meter, result))
     with open(ns.result, "w") as f:
         json.dump(result, f, indent=2)
+
+
+def memory_estimate(parsed, meter, result) -> dict:
+    """recipes/memory.py's estimate for the largest micro-batch this run saw, next to the measured increase."""
+    import memory
+
+    _, targs, model_args, _, _ = parsed
+    rows, positions = meter.largest_batch
+    config = memory.load_config(model_args.model_name_or_path)
+    device = result["device"]
+    setup = memory.setup_from_args(targs, model_args, config, micro_batch=rows, seq_len=positions, device=device,
+                                   attn_implementation=result["attn_implementation"])  # fmt: skip
+    est = memory.estimate(config, setup)
+    return {
+        "largest_batch": [rows, positions],
+        "memory_estimate_bytes": est.total,
+        "memory_estimate_terms": {k: v for k, v in est.to_dict().items() if isinstance(v, float)},
+        "memory_measured_increase_bytes": result["peak_memory_bytes"] - meter.rss_before_model,
+    }
 
 
 if __name__ == "__main__":

@@ -121,3 +121,44 @@ def test_without_position_ids_documents_would_leak(packed):
     leaking, _ = per_token_loss(model, batch["input_ids"], batch["labels"])
     first = row["seq_lengths"][0]
     assert (with_pos[first:][mask[first:]] - leaking[first:][mask[first:]]).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------- speed switches
+
+DEMO = "recipes/smollm2-135m/sft_demo.yaml"
+
+
+def test_demo_speed_switches_have_the_documented_defaults():
+    """docs/BENCHMARKS.md gives the measurements behind each of these; change both together."""
+    import sft
+    from conftest import ROOT
+
+    _, args, model_args, _, _ = sft.make_parser().parse_args_and_config(["--config", str(ROOT / DEMO)])
+    assert args.packing is False  # CPU + sdpa: no measured gain on the bundled data (BENCHMARKS.md)
+    assert args.packing_strategy == "bfd"  # when switched on: TRL's BFD, padding-free, documents isolated
+    assert args.activation_checkpointing is False  # 135M fits; checkpointing costs time
+    assert model_args.attn_implementation in (None, "sdpa")  # transformers' default: sdpa
+    assert args.use_liger_kernel is False  # Triton kernels: GPU only
+    assert args.dataset_num_proc is None  # one process: the data is prepared in seconds
+    assert args.loss_type == "nll"  # TRL's chunked (fused LM head) loss: always on in trl 1.16
+
+
+def test_recipe_trains_with_every_speed_switch_on(tmp_path, tiny_model_dir):
+    """Packing + activation checkpointing + eager attention + 2 data processes through `python recipes/sft.py`."""
+    import json
+
+    from conftest import run_recipe, tiny_config, toy_cai_rows
+
+    data = write_jsonl(tmp_path / "cai.jsonl", toy_cai_rows(24))
+    out = tmp_path / "out"
+    cfg = tiny_config(tiny_model_dir, data, out, max_steps=2, eval_steps=2, packing=True, eval_packing=False,
+                      activation_checkpointing=True, attn_implementation="eager", dataset_num_proc=2,
+                      per_device_train_batch_size=1, max_length=256)  # fmt: skip
+    run_recipe(cfg, tmp_path)
+    state = json.load(open(out / "trainer_state.json"))
+    train = [h for h in state["log_history"] if "loss" in h and "eval_loss" not in h]
+    evals = [h for h in state["log_history"] if "eval_loss" in h]
+    assert train and all(h["loss"] > 0 for h in train) and evals
+    # one packed row per step (batch size 1) holds several examples: more than twice an example's mean length
+    counts = json.load(open(out / "data_summary.json"))["counts"]
+    assert train[0]["num_tokens"] > 2 * counts["train_tokens"] / counts["train_examples_tokenized"]
