@@ -5,7 +5,8 @@
 Measures, in one process, for one forward + backward of LoRA (or --full) with TRL's fused LM head:
   saved tensors   bytes autograd keeps for backward at the end of the forward (parameters excluded)
                   -> compared with the estimate's activations term
-  RSS increase    peak RSS minus RSS before the model was loaded -> compared with the estimate's total
+  peak increase   CPU: peak RSS minus RSS before the model was loaded; GPU (bf16 weights, no autocast):
+                  torch.cuda.max_memory_allocated minus allocated before -> compared with the estimate's total
 CPU RSS also holds freed-but-cached allocator blocks and backward transients, so it reads higher than the live
 tensors; a GPU's torch.cuda.max_memory_allocated (not measured here: no GPU) is the number the estimate targets.
 """
@@ -40,9 +41,10 @@ def main(argv=None):
 
     import memory
 
-    proc = psutil.Process()
-    before = proc.memory_info().rss
-    model = AutoModelForCausalLM.from_pretrained(ns.model, dtype=torch.float32)
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32  # the GPU run is the bf16 one the estimate is for
+    before = torch.cuda.memory_allocated() if cuda else psutil.Process().memory_info().rss
+    model = AutoModelForCausalLM.from_pretrained(ns.model, dtype=dtype, device_map="cuda" if cuda else None)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
     if ns.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -53,7 +55,7 @@ def main(argv=None):
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     torch.manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (ns.batch, ns.seq))
+    ids = torch.randint(0, model.config.vocab_size, (ns.batch, ns.seq), device=model.device)
     labels = ids.clone()
     labels[:, : ns.seq // 3] = -100  # a prompt, as in SFT
 
@@ -70,12 +72,16 @@ def main(argv=None):
         out = model(input_ids=ids, labels=labels, fused_lm_head=True)
     out.loss.backward()
     optimizer.step()  # allocates the AdamW states
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     config = memory.load_config(ns.model)
     setup = memory.Setup(
-        method="full" if ns.full else "lora", seq_len=ns.seq, micro_batch=ns.batch, weights_dtype="float32",
-        lora_r=16, lora_dropout=0.05, lora_target_modules=ALL_LINEAR, device="cpu",
+        method="full" if ns.full else "lora", seq_len=ns.seq, micro_batch=ns.batch,
+        weights_dtype="bfloat16" if cuda else "float32", lora_r=16, lora_dropout=0.05,
+        lora_target_modules=ALL_LINEAR, device="cuda" if cuda else "cpu",
         activation_checkpointing=ns.checkpointing,
     )  # fmt: skip
     est = memory.estimate(config, setup)
@@ -87,7 +93,8 @@ def main(argv=None):
         "activation_checkpointing": ns.checkpointing,
         "saved_tensors_MiB": sum(seen.values()) / mib,
         "estimated_activations_MiB": est.activations / mib,
-        "rss_increase_MiB": (peak - before) / mib,
+        "device": "cuda" if cuda else "cpu",
+        "peak_increase_MiB": (peak - before) / mib,  # RSS on CPU, max_memory_allocated on GPU
         "estimated_total_MiB": est.total / mib,
         "estimate_terms_MiB": {k: getattr(est, k) / mib for k in ("weights", "gradients", "optimizer", "activations",
                                                                    "logits")},  # fmt: skip

@@ -83,7 +83,9 @@ def summarize(runs: dict[str, list[dict]], names: list[str]) -> dict:
         for key, _, _ in METRICS:
             row[key] = statistics.median(r[key] for r in runs[name])
             if name != BASELINE and key != "padding_fraction":
-                row[key + "_ratio"] = statistics.median(r[key] / b[key] for r, b in zip(runs[name], base) if b[key])
+                ratios = [r[key] / b[key] for r, b in zip(runs[name], base) if b[key]]
+                row[key + "_ratio"] = statistics.median(ratios)
+                row[key + "_ratio_range"] = [min(ratios), max(ratios)]
         summary[name] = row
     return summary
 
@@ -164,6 +166,9 @@ def main(argv=None):
     text = table(summary, names)
     print(f"\nMedians over {ns.reps} reps; (xR) = median of per-rep ratios to {BASELINE} in the same rep.")
     print(text)
+    for name in names[1:]:
+        lo, hi = summary[name]["trained_tokens_per_s_ratio_range"]
+        print(f"  {name}: trained tok/s ratio per rep from x{lo:.2f} to x{hi:.2f}")
     record = {
         "config": ns.config,
         "steps": ns.steps,

@@ -246,10 +246,15 @@ def estimate(config, setup: Setup, model=None) -> Estimate:
     s, N = setup, max(1, setup.num_gpus)
     b_w = DTYPE_BYTES[s.weights_dtype]
     autocast = s.mixed_precision
+    fsdp_fp32 = False
     if s.zero_stage is not None and s.mixed_precision:
         b_w, autocast = 2, False  # DeepSpeed bf16/fp16 casts the model itself; the fp32 copy is in the optimizer
+    elif s.fsdp and s.mixed_precision:
+        # accelerate upcasts the sharded parameters to fp32; FSDP's mixed-precision policy gathers them in 16 bits
+        fsdp_fp32, autocast = s.method == "full", False
+        b_w = 2
     act_bytes = 2 if (b_w == 2 or autocast) else 4
-    b_t = {"full": b_w, "lora": 4, "qlora": 2}[s.method]  # peft: fp32 adapters; TRL casts them to bf16 for QLoRA
+    b_t = {"full": 4 if fsdp_fp32 else b_w, "lora": 4, "qlora": 2}[s.method]  # peft: fp32 adapters (bf16: QLoRA)
     est = Estimate(params=P, trainable=T, setup=s)
 
     shard_weights = s.zero_stage == 3 or s.fsdp == "full_shard"

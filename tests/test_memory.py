@@ -191,6 +191,10 @@ def test_sharding_divides_the_right_terms():
     assert one.optimizer == one.trainable * 4  # torch AdamW, bf16 states
     assert off.optimizer == off.weights == 0 and off.notes
     assert z3.activations == one.activations  # ZeRO does not shard activations
+    fsdp = memory.estimate(cfg, memory.Setup(method="full", num_gpus=4, fsdp="full_shard", weights_dtype="bfloat16",
+                                             mixed_precision=True))  # fmt: skip
+    # accelerate upcasts FSDP's sharded parameters to fp32: 4 + 4 + 8 bytes per parameter, sharded 4 ways
+    assert (fsdp.weights, fsdp.gradients, fsdp.optimizer) == (one.params, one.params, 2 * one.params)
 
 
 def test_launch_setup_reads_deepspeed_fsdp_and_accelerate_env(tmp_path):
