@@ -1,5 +1,7 @@
 # Constitutional AI SFT recipes. `make install` then `make demo`; `make test` runs the tests.
 PY ?= .venv/bin/python
+# Idle OpenMP threads sleep instead of spinning: on busy shared cores spinning made generation ~5x slower.
+export OMP_WAIT_POLICY ?= PASSIVE
 MODEL_DIR ?= models/SmolLM2-135M-Instruct
 
 .PHONY: install model demo test dry-run generate eval
@@ -15,15 +17,14 @@ $(MODEL_DIR)/model.safetensors:
 
 demo: model
 	$(PY) recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml
-	OMP_WAIT_POLICY=PASSIVE $(PY) recipes/evaluate.py --config recipes/smollm2-135m/eval_demo.yaml
+	$(PY) recipes/evaluate.py --config recipes/smollm2-135m/eval_demo.yaml
 
 dry-run: model
 	$(PY) recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml --dry_run
 
 # M_base vs the demo's M_SFT (docs/EVALUATION.md): prints a table, writes eval_report.md/.json next to the adapter.
-# OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning; on busy shared cores that ran 5x faster.
 eval: model
-	OMP_WAIT_POLICY=PASSIVE $(PY) recipes/evaluate.py --config recipes/smollm2-135m/eval_demo.yaml
+	$(PY) recipes/evaluate.py --config recipes/smollm2-135m/eval_demo.yaml
 
 # Critique-and-revise the 10 bundled red-team prompts on CPU -> outputs/generated/revisions.jsonl (resumable).
 # One thread: a 135M model gains little from more, and on shared cores two threads ran 8x slower (GEN_THREADS=2 to try).
