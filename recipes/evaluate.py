@@ -452,6 +452,15 @@ def print_table(metrics: dict) -> None:
         print(" | ".join([r[0].ljust(widths[0]), r[1].rjust(widths[1]), r[2].rjust(widths[2])]))
 
 
+def print_generations(generations: list[dict], width: int = 300) -> None:
+    """The answers of both models, one prompt after the other, as `make demo` shows them."""
+    for g in generations:
+        print(f"\n[{g['set']}] {g['text']}")
+        for name in MODELS:
+            answer = " ".join(g[name]["answer"].split())
+            print(f"  {name:6}: {answer[:width]}{'...' if len(answer) > width else ''}")
+
+
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
 
@@ -566,6 +575,7 @@ def main(args: EvalArguments) -> dict:
     with open(os.path.join(out_dir, "eval_report.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2, ensure_ascii=False)
     write_markdown(result, os.path.join(out_dir, "eval_report.md"))
+    print_generations(result["generations"])
     print_table(metrics)
     print(f"\nWrote {os.path.join(out_dir, 'eval_report.md')} and eval_report.json")
     if failed:

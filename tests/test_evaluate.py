@@ -212,6 +212,11 @@ def test_lora_adapter_with_judge_end_to_end(tmp_path, tiny_model_dir):
     md = (adapter / "eval_report.md").read_text()
     assert "judge: benign over-refusal rate" in md and "LoRA adapter on M_base" in md
     assert "M_base" in proc.stdout and "judge: red-team harmless rate" in proc.stdout  # the printed table
+    # every generation is printed side by side: the prompt, then each model's answer
+    for g in report["generations"]:
+        assert f"[{g['set']}] {g['text']}" in proc.stdout
+        for name in evaluate.MODELS:
+            assert f"  {name:6}: {' '.join(g[name]['answer'].split())[:300]}" in proc.stdout
     # the key is in no file written, nor in what was printed
     for f in tmp_path.rglob("*"):
         if f.is_file():
