@@ -68,9 +68,14 @@ merge:
 	$(PY) recipes/merge.py --adapter $(ADAPTER) --output $(OUT) $(ARGS)
 
 # Trained tokens/s, padding, peak memory, time to first step, data prep: ratios to plain TRL measured in the same
-# run, median of interleaved reps, each run in a fresh process (docs/BENCHMARKS.md). About 5 min on 2 CPU cores.
+# run, median of interleaved reps, each run in a fresh process (docs/BENCHMARKS.md): the YAML as is, and packed.
+# 5-10 min on 2 shared CPU cores. bench-paired: training steps only, alternated in one process (tighter ratios).
 BENCH_CONFIG ?= recipes/smollm2-135m/sft_demo.yaml
-BENCH_ARGS ?= --steps 3 --reps 3 --variant "packed: --packing true --max_length 256 --per_device_train_batch_size 4"
-.PHONY: bench
+BENCH_PACKED ?= "packed: --packing true --max_length 256 --per_device_train_batch_size 4"
+BENCH_ARGS ?= --steps 3 --reps 3 --variant recipe --variant $(BENCH_PACKED)
+.PHONY: bench bench-paired
 bench: model
 	$(PY) bench/run.py --config $(BENCH_CONFIG) $(BENCH_ARGS)
+
+bench-paired: model
+	$(PY) bench/paired.py --config $(BENCH_CONFIG) --pairs 8 --variant recipe --variant $(BENCH_PACKED)

@@ -237,6 +237,7 @@ def main():
         "steps": len(steps),
         "timed_steps": len(steps) - 1,
         "timed_seconds": timed_s,
+        "step_seconds": [meter.step_end[b] - meter.step_end[a] for a, b in zip(steps, steps[1:])],
         "trained_tokens": meter.trained,
         "total_tokens": meter.real,
         "trained_tokens_per_s": meter.trained / timed_s,
