@@ -134,6 +134,16 @@ def build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, e
 
     import callbacks
 
+    packed = training_args.padding_free or (training_args.packing and training_args.packing_strategy != "wrapped")
+    if packed and model_args.attn_implementation is None:
+        # transformers' default (sdpa) computes a packed row as one masked sequence: packing would save nothing
+        model_args.attn_implementation = "sdpa_varlen"
+        if training_args.process_index == 0:
+            print("Packing: attn_implementation sdpa_varlen (per-document SDPA; set attn_implementation to override)")
+    if model_args.attn_implementation == "sdpa_varlen":  # recipes/varlen_attention.py, docs/BENCHMARKS.md
+        import varlen_attention
+
+        varlen_attention.register()
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "trust_remote_code": training_args.trust_remote_code,

@@ -1,11 +1,13 @@
 """Document isolation under packing: BFD packing + padding-free (TRL's own) through the recipe's data path gives every
-token the same loss as its example alone, leaves no pad tokens, and never trains across a document boundary."""
+token the same loss as its example alone, leaves no pad tokens, and never trains across a document boundary; for
+transformers' sdpa and eager attention and for the recipe's per-document `sdpa_varlen` (recipes/varlen_attention.py)."""
 
 import pytest
 import torch
 from conftest import cai_row, write_jsonl
 
 import cai_data
+import varlen_attention
 
 # Three examples of clearly different lengths, so that the packed row has two boundaries.
 ROWS = [
@@ -35,15 +37,19 @@ def packed_trainer(tiny_model_dir, tmp_path, attn_implementation):
 
     rows, _, report = cai_data.load_pairs(Script, cai_data.CAIDataArguments(eval_fraction=0.0))
     ds = cai_data.tokenize_pairs(rows, tok, args, report, "train", tok.eos_token)
+    varlen_attention.register()
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn_implementation)
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     return trainer, ds, tok
 
 
-def per_token_loss(model, input_ids, labels, position_ids=None):
+BOUNDARIES = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # from TRL's padding-free collator
+
+
+def per_token_loss(model, input_ids, labels, position_ids=None, **boundaries):
     """Loss of every next-token prediction (0 where not trained), and which ones are trained."""
     with torch.no_grad():
-        logits = model(input_ids=input_ids, position_ids=position_ids).logits.float()
+        logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **boundaries).logits.float()
     targets = labels[:, 1:]
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     loss = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -51,7 +57,7 @@ def per_token_loss(model, input_ids, labels, position_ids=None):
     return (loss * mask)[0], mask[0]
 
 
-@pytest.fixture(scope="module", params=["sdpa", "eager"])
+@pytest.fixture(scope="module", params=["sdpa", "eager", "sdpa_varlen"])
 def packed(request, tiny_model_dir, tmp_path_factory):
     trainer, ds, tok = packed_trainer(tiny_model_dir, tmp_path_factory.mktemp("packing"), request.param)
     assert trainer.padding_free, "BFD packing should switch TRL to padding-free"
@@ -94,7 +100,10 @@ def test_labels_at_document_boundaries(packed):
 def test_packed_per_token_loss_equals_each_example_alone(packed):
     trainer, ds, tok, row, batch = packed
     model = trainer.model.eval()
-    packed_loss, packed_mask = per_token_loss(model, batch["input_ids"], batch["labels"], batch["position_ids"])
+    boundaries = {k: batch[k] for k in BOUNDARIES}
+    packed_loss, packed_mask = per_token_loss(
+        model, batch["input_ids"], batch["labels"], batch["position_ids"], **boundaries
+    )
     start, checked = 0, 0
     for n in row["seq_lengths"]:
         ids, labels = batch["input_ids"][:, start : start + n], batch["labels"][:, start : start + n]
@@ -123,6 +132,53 @@ def test_without_position_ids_documents_would_leak(packed):
     assert (with_pos[first:][mask[first:]] - leaking[first:][mask[first:]]).abs().max() > 1e-3
 
 
+# ---------------------------------------------------------------------------------------- sdpa_varlen specifics
+
+
+def sdpa_query_lengths(monkeypatch):
+    """Record the query length of every torch SDPA call (what the attention kernel is asked to compute)."""
+    calls, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        calls.append((query.shape[-2], kwargs.get("attn_mask") is not None, kwargs.get("is_causal", False)))
+        return real(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def test_varlen_attends_per_document_without_a_mask(tiny_model_dir, tmp_path, monkeypatch):
+    """The boundaries come from cu_seq_lens, not from a mask: one causal, unmasked SDPA call per document and layer,
+    so a packed row costs the sum of its documents' attention (sdpa: one masked call over the whole row per layer)."""
+    trainer, ds, tok = packed_trainer(tiny_model_dir, tmp_path, "sdpa_varlen")
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    lengths, layers = trainer.train_dataset[0]["seq_lengths"], trainer.model.config.num_hidden_layers
+    calls = sdpa_query_lengths(monkeypatch)
+    per_token_loss(trainer.model.eval(), batch["input_ids"], batch["labels"], batch["position_ids"],
+                   **{k: batch[k] for k in BOUNDARIES})  # fmt: skip
+    assert calls == [(n, False, True) for n in lengths] * layers
+
+
+
+def test_varlen_is_sdpa_without_boundaries(tiny_model_dir):
+    """Unpacked batches (padding, attention_mask), generation with a cache: exactly transformers' sdpa."""
+    from transformers import AutoModelForCausalLM
+
+    varlen_attention.register()
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    varlen = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa_varlen").eval()
+    assert varlen.config._attn_implementation == "sdpa_varlen"
+    ids = torch.randint(3, 100, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding, as in batched generation
+    mask[2, 6:] = 0  # right padding, as in an unpacked training batch
+    with torch.no_grad():
+        logits = [m(input_ids=ids, attention_mask=mask).logits for m in (sdpa, varlen)]
+        assert torch.equal(*logits)
+        kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(sdpa.generate(ids, **kw), varlen.generate(ids, **kw))
+
+
 # --------------------------------------------------------------------------------------------- speed switches
 
 DEMO = "recipes/smollm2-135m/sft_demo.yaml"
@@ -134,7 +190,7 @@ def test_demo_speed_switches_have_the_documented_defaults():
     from conftest import ROOT
 
     _, args, model_args, _, _ = sft.make_parser().parse_args_and_config(["--config", str(ROOT / DEMO)])
-    assert args.packing is False  # CPU + sdpa: no measured gain on the bundled data (BENCHMARKS.md)
+    assert args.packing is False  # keeps the demo's examples/step and eval batches as tuned (BENCHMARKS.md)
     assert args.packing_strategy == "bfd"  # when switched on: TRL's BFD, padding-free, documents isolated
     assert args.activation_checkpointing is False  # 135M fits; checkpointing costs time
     assert model_args.attn_implementation in (None, "sdpa")  # transformers' default: sdpa
@@ -162,3 +218,26 @@ def test_recipe_trains_with_every_speed_switch_on(tmp_path, tiny_model_dir):
     # one packed row per step (batch size 1) holds several examples: more than twice an example's mean length
     counts = json.load(open(out / "data_summary.json"))["counts"]
     assert train[0]["num_tokens"] > 2 * counts["train_tokens"] / counts["train_examples_tokenized"]
+
+
+def test_packing_picks_sdpa_varlen_and_trains_like_sdpa(tmp_path, tiny_model_dir):
+    """`packing: true` with no attn_implementation runs on sdpa_varlen, and trains exactly as transformers' sdpa (which
+    isolates documents with a mask) does: same losses at every step, same eval loss."""
+    import json
+
+    from conftest import run_recipe, tiny_config, toy_cai_rows
+
+    data = write_jsonl(tmp_path / "cai.jsonl", toy_cai_rows(24))
+    runs = {}
+    for attn in (None, "sdpa"):
+        out = tmp_path / f"out-{attn}"
+        extra = {"attn_implementation": attn} if attn else {}
+        cfg = tiny_config(tiny_model_dir, data, out, max_steps=3, eval_steps=3, logging_steps=1, packing=True,
+                          per_device_train_batch_size=2, max_length=128, **extra)  # fmt: skip
+        proc = run_recipe(cfg, tmp_path)
+        assert ("attn_implementation sdpa_varlen" in proc.stdout) == (attn is None)
+        runs[attn] = json.load(open(out / "trainer_state.json"))["log_history"]
+    losses = {a: [h.get("loss", h.get("eval_loss")) for h in hist if "loss" in h or "eval_loss" in h]
+              for a, hist in runs.items()}  # fmt: skip
+    assert len(losses[None]) >= 4
+    assert losses[None] == pytest.approx(losses["sdpa"], abs=1e-5)
