@@ -85,6 +85,8 @@ CASES = {
     "QLoRA + ZeRO-3 launch": (QLORA, [], {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
                               "bnb_4bit_quant_storage", "DeepSpeed ZeRO-3"),
     "QLoRA + FSDP": ({**QLORA, "fsdp": "full_shard"}, [], {}, "bnb_4bit_quant_storage", "FSDP"),
+    "QLoRA fp32 + FSDP": ({**QLORA, "dtype": "float32", "fsdp": "full_shard"}, [], {}, "bnb_4bit_quant_storage",
+                          "`bnb_4bit_quant_storage: float32` equal to `dtype: float32`"),
     "QLoRA + FSDP launch": ({**QLORA, "bnb_4bit_quant_storage": "float16"}, [], {"ACCELERATE_USE_FSDP": "true"},
                             "bnb_4bit_quant_storage", "equal to `dtype: bfloat16`"),
     "best model, no eval": ({**BEST, "eval_strategy": "no", "save_strategy": "no"}, [], {}, "load_best_model_at_end",
