@@ -140,7 +140,7 @@ def sdpa_query_lengths(monkeypatch):
     calls, real = [], torch.nn.functional.scaled_dot_product_attention
 
     def spy(query, *args, **kwargs):
-        calls.append((query.shape[-2], kwargs.get("attn_mask") is not None, kwargs.get("is_causal", False)))
+        calls.append(((query.shape[0], query.shape[-2]), kwargs.get("attn_mask") is not None, kwargs.get("is_causal", False)))
         return real(query, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
@@ -148,15 +148,15 @@ def sdpa_query_lengths(monkeypatch):
 
 
 def test_varlen_attends_per_document_without_a_mask(tiny_model_dir, tmp_path, monkeypatch):
-    """The boundaries come from cu_seq_lens, not from a mask: one causal, unmasked SDPA call per document and layer,
-    so a packed row costs the sum of its documents' attention (sdpa: one masked call over the whole row per layer)."""
+    """The boundaries come from cu_seq_lens, not from a mask: per layer, one causal, unmasked SDPA call over the
+    documents side by side (documents x longest), not one masked call over the whole row as transformers' sdpa."""
     trainer, ds, tok = packed_trainer(tiny_model_dir, tmp_path, "sdpa_varlen")
     batch = trainer.data_collator([trainer.train_dataset[0]])
     lengths, layers = trainer.train_dataset[0]["seq_lengths"], trainer.model.config.num_hidden_layers
     calls = sdpa_query_lengths(monkeypatch)
     per_token_loss(trainer.model.eval(), batch["input_ids"], batch["labels"], batch["position_ids"],
                    **{k: batch[k] for k in BOUNDARIES})  # fmt: skip
-    assert calls == [(n, False, True) for n in lengths] * layers
+    assert calls == [((len(lengths), max(lengths)), False, True)] * layers
 
 
 
