@@ -5,7 +5,7 @@ sdpa_varlen (one causal SDPA call per document). Steps alternate, so machine loa
     python bench/attention.py --model models/SmolLM2-135M-Instruct --reps 6
 
 Document lengths are those of a seeded batch of the bundled CAI data rendered with the model's chat template (the
-recipe's own path, cai_data.tokenize_pairs, cuts the template's trailing newline: one token shorter); token ids are
+recipe's own path, sft.prepare, ends at the end-of-turn token: one token shorter); token ids are
 random (content does not change the cost). Prints tokens/s (non-pad) per layout and the per-rep ratios.
 """
 

@@ -29,17 +29,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def recipe_trainer(parsed):
     """The trainer `recipes/sft.py main()` would train, built the same way (data path + build_trainer)."""
     import cai_data
+    import chat_format
     import sft
 
     script_args, targs, model_args, data_args, recipe_args = parsed
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    cai_data.load_chat_template(tok, targs.chat_template_path)
-    eos = targs.eos_token or tok.eos_token
-    tok.eos_token = targs.eos_token = eos
+    tok = chat_format.load_tokenizer(model_args.model_name_or_path, targs.chat_template_path)
+    fmt = chat_format.ChatFormat.detect(tok, data_args.system_prompt, data_args.system_prompt_mode, targs.eos_token,
+                                        data_args.template_date)
+    targs.eos_token = fmt.end_of_turn
     train, evals, report = cai_data.load_pairs(script_args, data_args, targs.seed)
-    train_ds = cai_data.tokenize_pairs(train, tok, targs, report, "train", eos)
+    train_ds = sft.prepare(train, fmt, targs.max_length, report, "train")
     return sft.build_trainer(targs, model_args, recipe_args, tok, train_ds, None, [])
 
 

@@ -136,7 +136,7 @@ def run_recipe(parsed, meter):
     from trl import SFTTrainer
 
     wrap_timed(cai_data, "load_pairs", meter)
-    wrap_timed(cai_data, "tokenize_pairs", meter)
+    wrap_timed(sft, "prepare", meter)
     wrap_timed(SFTTrainer, "_prepare_dataset", meter)  # also TRL's packing inside SFTTrainer.__init__
     build = sft.build_trainer
 
@@ -158,11 +158,12 @@ def run_trl(parsed, meter):
     from trl import SFTConfig, SFTTrainer, get_peft_config, get_quantization_config
 
     import cai_data
+    import chat_format
 
     script_args, targs, model_args, data_args, _ = parsed
     wrap_timed(SFTTrainer, "_prepare_dataset", meter)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    cai_data.load_chat_template(tokenizer, targs.chat_template_path)
+    tokenizer.chat_template = chat_format.load_tokenizer(model_args.model_name_or_path, targs.chat_template_path).chat_template
     with meter.prep():
         # The same pairs as the recipe (same mixture, system prompt, eval split), as TRL's standard columns.
         train, evals, _ = cai_data.load_pairs(script_args, data_args, targs.seed)

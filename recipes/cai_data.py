@@ -1,7 +1,7 @@
 """Load (P, R_revised) pairs from any supported schema into conversational prompt/completion rows.
 
-Shared by `sft.py`, `evaluate.py` and `generate_revisions.py` so that every recipe renders the same
-system prompt and chat template. Every dropped or changed row is counted in a `DataReport`; every
+Shared by `sft.py`, `evaluate.py` and `generate_revisions.py` so that every recipe puts the same system
+prompt before P (chat_format.py renders it). Every dropped or changed row is counted in a `DataReport`; every
 error names the source, the row and the field, and says how to fix it. docs/DATA.md explains it all.
 
 Accepted schemas (per source, `format: auto` detects them):
@@ -61,7 +61,18 @@ class CAIDataArguments:
     )
     system_prompt: str | None = field(
         default=DEFAULT_SYSTEM_PROMPT,
-        metadata={"help": "System message put before every prompt; null or '' for none (templates without system)."},
+        metadata={"help": "System message put before every prompt; null, none or '' for none."},
+    )
+    system_prompt_mode: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: the template's system role where it renders one, else the system prompt is folded into "
+            "the first user turn (said once); system | fold | off force a mode."
+        },
+    )
+    template_date: str | None = field(
+        default="26 Jul 2024",
+        metadata={"help": "Date for templates that insert today's (Llama 3.x), so that tokens do not change daily."},
     )
     data_format: str = field(default="auto", metadata={"help": f"Schema of the data: one of {FORMATS}."})
     prompt_column: str | None = field(default=None, metadata={"help": "Column holding P (string)."})
@@ -79,6 +90,17 @@ class CAIDataArguments:
     exclude_flagged: bool = field(
         default=True, metadata={"help": "Drop rows whose `flags` list is non-empty (from generate_revisions.py)."}
     )
+
+    def __post_init__(self):
+        self.system_prompt = no_system_prompt(self.system_prompt)
+
+
+OFF_WORDS = ("", "null", "none", "~")
+
+
+def no_system_prompt(value):
+    """`null`, `none` and '' mean no system prompt, in YAML and on the command line alike (argparse gives strings)."""
+    return None if isinstance(value, str) and value.strip().lower() in OFF_WORDS else value
 
 
 @dataclass
@@ -431,10 +453,6 @@ def _columns_of(fmt: str, source: dict, columns) -> dict[str, str]:
     return {"hh": source.get("messages_column") or ("chosen" if "chosen" in columns else "text")}
 
 
-def required_columns(fmt: str, source: dict, columns: list[str]) -> list[str]:
-    return list(_columns_of(fmt, source, columns).values())
-
-
 def _check_messages(messages: Any, kind: str = "messages") -> tuple[str, str] | None:
     """None if `messages` is a valid conversation with an assistant turn, else (reason, detail)."""
     if not isinstance(messages, list) or not messages:
@@ -486,11 +504,6 @@ def _pair(row: dict, fmt: str, source: dict) -> tuple[list[dict], str, int]:
     return context, messages[last]["content"], len(messages) - last - 1
 
 
-def to_pair(row: dict, fmt: str, source: dict) -> tuple[list[dict], str]:
-    """(context messages ending in the user's P, R_revised), or raises RowProblem (a ValueError)."""
-    return _pair(row, fmt, source)[:2]
-
-
 def normalize(rows, source: dict, split: str, data_args: CAIDataArguments, report: DataReport, origins=None):
     """Rows of one split to {"prompt": [...], "completion": [...], "source", "row"}; bad rows dropped and counted.
 
@@ -514,7 +527,7 @@ def normalize(rows, source: dict, split: str, data_args: CAIDataArguments, repor
             f"source {name} split '{split}': required column(s) {missing} missing for format '{fmt}'. Columns found: "
             f"{columns}. Map yours with {fix} on this source (top level for dataset_name), or set `format`."
         )
-    system = source.get("system_prompt", data_args.system_prompt)
+    system = no_system_prompt(source.get("system_prompt", data_args.system_prompt))
     out, reasons = [], Counter()
     for row, (file, i) in zip(rows, origins):
         where = f"{file} row {i}"
@@ -578,12 +591,6 @@ def _mix_parts(per_source: list[list[dict]], fractions: list, seed: int) -> list
         random.Random(seed + k).shuffle(rows)
         out.append(rows[: round(w * total)])
     return out
-
-
-def mix(per_source: list[list[dict]], fractions: list, seed: int) -> list[dict]:
-    """Concatenate the sources, each cut to its `fraction` of the mixture (see `_mix_parts`)."""
-    _check_fractions([{"fraction": f, "path": f"source {k}"} for k, f in enumerate(fractions)])
-    return [e for rows in _mix_parts(per_source, fractions, seed) for e in rows]
 
 
 def _check_fractions(sources: list[dict]) -> None:
@@ -739,101 +746,14 @@ def _dedupe(parts: list[list[dict]], split: str, report: DataReport) -> list[lis
     return out
 
 
-# --------------------------------------------------------------------------------------------- chat template
-
-
-def load_chat_template(tokenizer, chat_template_path: str | None):
-    """Use the model's own template, or a .jinja file (e.g. recipes/templates/cai_seed.jinja)."""
-    if chat_template_path:
-        if not os.path.isfile(chat_template_path):
-            raise DataError(f"chat_template_path: {chat_template_path} does not exist.")
-        with open(chat_template_path, encoding="utf-8") as f:
-            tokenizer.chat_template = f.read()
-    if not tokenizer.chat_template:
-        raise DataError(
-            "the tokenizer has no chat template (a base model?). Set `chat_template_path: "
-            "recipes/templates/cai_seed.jinja` (or your own .jinja file) in the YAML."
-        )
-    return tokenizer
-
-
-def render_prompt(tokenizer, messages: list[dict]) -> str:
-    """The exact prompt text M_SFT sees at inference: the training template with the generation prompt."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def system_prompts(data_args: CAIDataArguments) -> set:
+    """Every system prompt in use: the top-level one and those set on mixture sources."""
+    found = {data_args.system_prompt}
+    return found | {no_system_prompt(s.get("system_prompt")) for s in data_args.datasets
+                    if isinstance(s, dict) and "system_prompt" in s}
 
 
 def prompt_messages(prompt: str, system_prompt: str | None) -> list[dict]:
+    """[system, user P]: how a bare prompt P meets the system prompt (chat_format renders or folds the system turn)."""
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return [*system, {"role": "user", "content": prompt}]
-
-
-# --------------------------------------------------------------------------------------------- tokenizing
-
-
-def tokenize_pairs(examples: list[dict], tokenizer, args, report: DataReport, split: str, eos_token: str):
-    """Tokenize with TRL's own SFT preparation, then apply the length policy with counts.
-
-    TRL builds input_ids and completion-only labels; we call its `SFTTrainer._prepare_dataset` so that the
-    dry run and training use the same code. Two things are ours, because TRL does them silently or not at
-    all: (1) tokens the template renders after the end-of-turn token (e.g. Qwen's "\\n" after <|im_end|>)
-    are cut, so the sequence ends where generation must stop; (2) truncation to `max_length` counts what it
-    drops (prompt leaves no room for the response) and what it shortens.
-    """
-    import copy
-    import types
-
-    import datasets
-    from trl import SFTTrainer
-
-    if not examples:
-        return None
-    eos_id = tokenizer.convert_tokens_to_ids(eos_token)
-    ds = datasets.Dataset.from_list([{k: e[k] for k in ("prompt", "completion", "source", "row")} for e in examples])
-    prep_args = copy.copy(args)
-    prep_args.max_length, prep_args.shuffle_dataset = None, False
-    # SFTTrainer._prepare_dataset only reads these three attributes of the trainer.
-    stand_in = types.SimpleNamespace(_tokenizer=tokenizer, chat_template=None, completion_only_loss=True)
-    ds = SFTTrainer._prepare_dataset(stand_in, ds, tokenizer, prep_args, False, None, split)
-
-    rows, no_eos = [], 0
-    for ex in ds:
-        ids, labels, where = ex["input_ids"], ex["labels"], f"{ex['source']} [{split}] row {ex['row']}"
-        # The first end-of-turn token in the completion closes the assistant turn (Phi-3 renders another after it).
-        end = next((i + 1 for i, (t, lab) in enumerate(zip(ids, labels)) if t == eos_id and lab != -100), None)
-        if end is not None and end < len(ids):
-            report.change("template tokens after the end-of-turn token cut", where)
-            ids, labels = ids[:end], labels[:end]
-        if end is None:
-            no_eos += 1
-        n_prompt = next((i for i, lab in enumerate(labels) if lab != -100), len(labels))
-        if n_prompt == len(labels):
-            report.drop(f"{split}: no response tokens after templating", where)
-            continue
-        if args.max_length is not None and len(ids) > args.max_length:
-            if n_prompt >= args.max_length:
-                report.drop(f"{split}: prompt leaves no room for the response at max_length", f"{where}: prompt "
-                            f"is {n_prompt} tokens, max_length {args.max_length}")  # fmt: skip
-                continue
-            report.change(f"{split}: response truncated to max_length", where)
-            ids, labels = ids[: args.max_length], labels[: args.max_length]
-        rows.append({"input_ids": ids, "labels": labels, "source": ex["source"], "row": ex["row"]})
-    if no_eos == len(ds):
-        raise DataError(
-            f"the rendered completion never contains the end-of-turn token {eos_token!r} (id {eos_id}): a model "
-            "trained on this never learns to stop. Use a chat template that closes the assistant turn with it "
-            "(e.g. recipes/templates/cai_seed.jinja), or set `eos_token` to the token your template does emit."
-        )
-    if not rows:
-        raise DataError(
-            f"no {split} examples left after tokenization. Raise `max_length` or shorten the prompts:\n"
-            + "\n".join(report.drop_lines())
-        )
-    out = datasets.Dataset.from_list(rows)
-    report.counts.update(
-        {
-            f"{split}_examples_tokenized": len(out),
-            f"{split}_tokens": sum(len(r["input_ids"]) for r in rows),
-            f"{split}_trained_tokens": sum(sum(lab != -100 for lab in r["labels"]) for r in rows),
-        }
-    )
-    return out

@@ -197,7 +197,8 @@ def samples_markdown(records: list[dict]) -> str:
 def send_samples_to_trackers(callbacks: list, step: int, records: list[dict]) -> list[str]:
     """Text tables for the trackers transformers already opened; returns the names of those written to.
 
-    Trainer.log only carries numbers, so text goes through each tracker's own handle on its callback.
+    Trainer.log only carries numbers, so text goes through each tracker's own public module, to the run that
+    transformers' callback opened.
     """
     from transformers.integrations import TensorBoardCallback, TrackioCallback, WandbCallback
 
@@ -208,12 +209,17 @@ def send_samples_to_trackers(callbacks: list, step: int, records: list[dict]) ->
             if isinstance(cb, TensorBoardCallback) and getattr(cb, "tb_writer", None) is not None:
                 cb.tb_writer.add_text("samples", samples_markdown(records), step)
                 sent.append("tensorboard")
-            elif isinstance(cb, WandbCallback) and getattr(cb, "_initialized", False) and cb._wandb is not None:
-                table = cb._wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in records])
-                cb._wandb.log({"samples": table, "train/global_step": step})
-                sent.append("wandb")
-            elif isinstance(cb, TrackioCallback) and getattr(cb, "_initialized", False):
-                cb._trackio.log({"samples": cb._trackio.Table(data=[{c: r[c] for c in columns} for r in records])})
+            elif isinstance(cb, WandbCallback):
+                import wandb
+
+                if wandb.run is not None:
+                    table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in records])
+                    wandb.log({"samples": table, "train/global_step": step})
+                    sent.append("wandb")
+            elif isinstance(cb, TrackioCallback):
+                import trackio
+
+                trackio.log({"samples": trackio.Table(data=[{c: r[c] for c in columns} for r in records])})
                 sent.append("trackio")
         except Exception as e:  # noqa: BLE001 - a tracker hiccup must not kill training; samples.jsonl has it all
             logger.warning(f"could not send samples to {type(cb).__name__}: {type(e).__name__}: {e}")

@@ -1,7 +1,7 @@
 """Checks that run before any weights load, the dry-run preview, and safe checkpoint/save helpers.
 
 Config validation: `parse_args` (unknown keys, wrong types, then every rule below on the parsed values) and
-`validate` (the same rules on the dataclasses, for callers of `main()`), `validate_with_tokenizer` (max_length vs
+`validate` (the same rules on the dataclasses, for callers of `main()`), `check_max_length` (max_length vs
 the chat template). Each problem is one line naming the key and the fix; all problems are reported together.
 
 Runs that survive: `checkpoint_to_resume` picks the newest COMPLETE `checkpoint-N` in output_dir (a checkpoint
@@ -389,24 +389,14 @@ def reworded_load_error(key: str, name: str):
         raise ConfigError([f"{key}: could not load {name!r} ({first}); {hint}."]) from None
 
 
-def validate_with_tokenizer(tokenizer, training_args, data_args) -> int:
-    """Refuse a max_length that the chat template alone fills; returns the template's overhead in tokens."""
-    systems = {getattr(data_args, "system_prompt", None)}
-    systems |= {s.get("system_prompt") for s in getattr(data_args, "datasets", None) or [] if "system_prompt" in s}
-    overhead = 0
-    for system in systems:
-        messages = [{"role": "system", "content": system}] if system else []
-        messages += [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        overhead = max(overhead, len(tokenizer(text, add_special_tokens=False)["input_ids"]))
-    max_length = getattr(training_args, "max_length", None)
+def check_max_length(max_length: int | None, overhead: int) -> None:
+    """Refuse a max_length that the chat template and system prompt alone fill (`overhead` tokens)."""
     if max_length is not None and max_length <= overhead:
         raise ConfigError([
             f"max_length: {max_length} leaves no room for P and R: the chat template with the system prompt takes "
             f"{overhead} tokens for an empty conversation. Set max_length well above it (e.g. {max(512, overhead * 4)})"
             ", or shorten system_prompt."
         ])
-    return overhead
 
 
 def accumulation_for(global_batch_size: int, per_device: int, world_size: int) -> int:

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules
 
 import cai_data  # noqa: E402
+import chat_format  # noqa: E402
 import generation  # noqa: E402
 
 MODELS = ("M_base", "M_SFT")
@@ -64,6 +65,9 @@ class EvalArguments:
     system_prompt: str | None = field(
         default=cai_data.DEFAULT_SYSTEM_PROMPT, metadata={"help": "The system prompt used in training ('' for none)."}
     )
+    system_prompt_mode: str = field(
+        default="auto", metadata={"help": "As in training: auto | system | fold | off (the saved template folds)."}
+    )
     chat_template_path: str | None = field(default=None, metadata={"help": "Override the saved chat template."})
     max_length: int = field(default=1024, metadata={"help": "Longer scored sequences are truncated (counted)."})
     max_examples: int | None = field(
@@ -86,6 +90,9 @@ class EvalArguments:
         default="OPENAI_API_KEY", metadata={"help": "Name of the environment variable that holds the judge's API key."}
     )
     judge_concurrency: int = field(default=4, metadata={"help": "Judge requests in flight at once."})
+
+    def __post_init__(self):
+        self.system_prompt = cai_data.no_system_prompt(self.system_prompt)  # null / none / '' mean none
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -120,15 +127,15 @@ def check_args(args: EvalArguments) -> dict:
 
 
 def load_tokenizer(args: EvalArguments, base: str):
-    from transformers import AutoTokenizer
-
-    # The tokenizer saved with M_SFT carries the training chat template and end-of-turn token.
+    """The tokenizer saved with M_SFT (its chat template folds the system prompt and fixes the date as in
+    training), and its ChatFormat: the same rendering and tokenization as sft.py."""
     has_own = any(os.path.isfile(os.path.join(args.sft_model, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-    tok = AutoTokenizer.from_pretrained(args.sft_model if has_own else base, trust_remote_code=args.trust_remote_code)
-    cai_data.load_chat_template(tok, args.chat_template_path)
+    tok = chat_format.load_tokenizer(args.sft_model if has_own else base, args.chat_template_path,
+                                     trust_remote_code=args.trust_remote_code)
+    fmt = chat_format.ChatFormat.detect(tok, args.system_prompt, args.system_prompt_mode)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return tok
+    return tok, fmt
 
 
 def device_and_dtype(args: EvalArguments):
@@ -190,13 +197,25 @@ def initial_pairs(pairs: list[dict], raw: list[dict], report) -> list[dict]:
     return out
 
 
-def tokenize(pairs: list[dict], tok, args: EvalArguments, report, split: str):
-    from trl import SFTConfig
-
-    sft_args = SFTConfig(output_dir=os.devnull, max_length=args.max_length, report_to=[], bf16=False,
-                         dataset_num_proc=None)
-    ds = cai_data.tokenize_pairs(pairs, tok, sft_args, report, split, tok.eos_token)
-    return list(ds) if ds is not None else []
+def tokenize(pairs: list[dict], fmt, args: EvalArguments, report, split: str) -> list[dict]:
+    """{input_ids, labels} per pair, tokenized as sft.py does (prompt and completion apart); long ones cut, counted."""
+    out = []
+    for p in pairs:
+        where = f"{p['source']} [{split}] row {p['row']}"
+        try:
+            prompt_ids, completion_ids = fmt.tokenize(fmt.prompt_messages(p["prompt"]), p["completion"][0]["content"])
+        except chat_format.RowProblem as e:
+            report.drop(f"{split}: {e.reason}", where)
+            continue
+        ids, labels = prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_ids
+        if len(ids) > args.max_length:
+            if len(prompt_ids) >= args.max_length:
+                report.drop(f"{split}: prompt longer than max_length", where)
+                continue
+            report.change(f"{split}: truncated to max_length", where)
+            ids, labels = ids[: args.max_length], labels[: args.max_length]
+        out.append({"input_ids": ids, "labels": labels, "source": p["source"], "row": p["row"]})
+    return out
 
 
 def pick_prompts(rows: list[dict], n: int | None, group_key: str | None) -> list[dict]:
@@ -515,7 +534,8 @@ def write_markdown(report: dict, path: str) -> None:
 def main(args: EvalArguments) -> dict:
     resolved = check_args(args)
     base_path, out_dir = resolved["base"], resolved["output_dir"]
-    tok = load_tokenizer(args, base_path)
+    tok, fmt = load_tokenizer(args, base_path)
+    print("Chat format: " + "; ".join(fmt.notes))
     report = cai_data.DataReport()
 
     test = load_set(args.test_file, args.test_split, args, report, "cai_test") if args.test_file else None
@@ -523,12 +543,14 @@ def main(args: EvalArguments) -> dict:
     scored = {}
     if test:
         pairs = _sample(test[0], args.max_examples, args.seed)
-        scored["cai_revision"] = tokenize(pairs, tok, args, report, "cai_revision")
+        scored["cai_revision"] = tokenize(pairs, fmt, args, report, "cai_revision")
         initial = initial_pairs(pairs, test[1], report)
-        scored["cai_initial"] = tokenize(initial, tok, args, report, "cai_initial") if initial else []
+        scored["cai_initial"] = tokenize(initial, fmt, args, report, "cai_initial") if initial else []
     if benign:
-        scored["benign"] = tokenize(_sample(benign[0], args.max_examples, args.seed), tok, args, report, "benign")
+        scored["benign"] = tokenize(_sample(benign[0], args.max_examples, args.seed), fmt, args, report, "benign")
     items = generation_prompts(args, test, benign, report)
+    for it in items:
+        it["prompt"] = fmt.prompt_messages(it["prompt"])
     report.counts.update(
         redteam_generations=sum(it["set"] == "red-team" for it in items),
         benign_generations=sum(it["set"] == "benign" for it in items),
@@ -588,5 +610,5 @@ if __name__ == "__main__":
 
     try:
         main(*TrlParser((EvalArguments,)).parse_args_and_config())
-    except cai_data.DataError as e:
+    except (cai_data.DataError, chat_format.TemplateError) as e:
         raise SystemExit(f"Data error: {e}") from None

@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules
 
 import cai_data  # noqa: E402
+import chat_format  # noqa: E402
 import generation  # noqa: E402
 
 BACKENDS = ("transformers", "vllm", "openai")
@@ -111,6 +112,9 @@ class GenerateArguments:
         default=cai_data.DEFAULT_SYSTEM_PROMPT,
         metadata={"help": "System message before every conversation, as in sft.py; null or '' for none."},
     )
+    system_prompt_mode: str = field(
+        default="auto", metadata={"help": "As in sft.py: auto | system | fold | off (transformers and vllm backends)."}
+    )
     chat_template_path: str | None = field(
         default=None, metadata={"help": "A .jinja chat template, as in sft.py (transformers and vllm backends)."}
     )
@@ -153,6 +157,10 @@ class GenerateArguments:
     request_timeout: float = field(default=120.0, metadata={"help": "openai backend: seconds per request."})
     request_retries: int = field(default=2, metadata={"help": "openai backend: retries on 5xx/429/network."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar (rows/s)."})
+
+    def __post_init__(self):
+        # `null`/`none`/'' mean no system prompt; mode `off` sends none either (as sft.py).
+        self.system_prompt = None if self.system_prompt_mode == "off" else cai_data.no_system_prompt(self.system_prompt)
 
 
 def make_parser():
@@ -307,14 +315,12 @@ def read_done(args: GenerateArguments, prompts: list[tuple[int, str]], settings:
 
 
 def load_tokenizer(args: GenerateArguments):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        args.model_name_or_path, revision=args.model_revision, trust_remote_code=args.trust_remote_code
-    )
-    cai_data.load_chat_template(tokenizer, args.chat_template_path)
-    if args.eos_token:
-        tokenizer.eos_token = args.eos_token
+    """The tokenizer with the chat format sft.py trains with: system role native or folded, a fixed date."""
+    tokenizer = chat_format.load_tokenizer(args.model_name_or_path, args.chat_template_path,
+                                           revision=args.model_revision, trust_remote_code=args.trust_remote_code)
+    fmt = chat_format.ChatFormat.detect(tokenizer, args.system_prompt, args.system_prompt_mode, args.eos_token)
+    print("Chat format: " + "; ".join(fmt.notes))
+    tokenizer.eos_token = fmt.end_of_turn  # generation stops at the end of the assistant's turn
     return tokenizer
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules, also under `accelerate launch`
 
 import cai_data  # noqa: E402
+import chat_format  # noqa: E402
 import checks  # noqa: E402
 
 
@@ -73,8 +74,6 @@ def make_parser():
 
 
 def main(script_args, training_args, model_args, data_args, recipe_args):
-    from transformers import AutoTokenizer
-
     checks.validate(script_args, training_args, model_args, data_args, recipe_args)
     if recipe_args.global_batch_size:
         training_args.gradient_accumulation_steps = checks.accumulation_for(
@@ -83,22 +82,27 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
     is_main = training_args.process_index == 0
     say = print if is_main else (lambda *a, **k: None)
 
+    # Tokenizer and chat format: system role (native / folded / off) and end-of-turn token, detected and said once.
     with checks.reworded_load_error("model_name_or_path", model_args.model_name_or_path):
-        tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer = chat_format.load_tokenizer(
             model_args.model_name_or_path,
+            training_args.chat_template_path,
             revision=model_args.model_revision,
             trust_remote_code=training_args.trust_remote_code,
         )
-    cai_data.load_chat_template(tokenizer, training_args.chat_template_path)
-    checks.validate_with_tokenizer(tokenizer, training_args, data_args)
-    eos_token = training_args.eos_token or tokenizer.eos_token
-    tokenizer.eos_token = eos_token
-    training_args.eos_token = eos_token  # SFTTrainer writes it into the model's generation_config
+    fmt = chat_format.ChatFormat.detect(
+        tokenizer, data_args.system_prompt, data_args.system_prompt_mode, training_args.eos_token,
+        data_args.template_date,
+    )
+    say("Chat format: " + "; ".join(fmt.notes))
+    checks.check_max_length(training_args.max_length, max(map(fmt.overhead, cai_data.system_prompts(data_args))))
+    training_args.eos_token = fmt.end_of_turn  # SFTTrainer makes it the tokenizer's EOS and a generation stop token
 
     with training_args.main_process_first(desc="preparing data"):
+        # Load pairs: every schema -> (prompt messages, R_revised) rows; drops counted, eval split by unique prompt.
         train_rows, eval_rows, report = cai_data.load_pairs(script_args, data_args, training_args.seed)
-        train_ds = cai_data.tokenize_pairs(train_rows, tokenizer, training_args, report, "train", eos_token)
-        eval_ds = cai_data.tokenize_pairs(eval_rows, tokenizer, training_args, report, "eval", eos_token)
+        train_ds = prepare(train_rows, fmt, training_args.max_length, report, "train")
+        eval_ds = prepare(eval_rows, fmt, training_args.max_length, report, "eval")
     say("Data summary:\n" + "\n".join(report.lines()))
     if is_main:
         os.makedirs(training_args.output_dir, exist_ok=True)
@@ -113,7 +117,12 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
             memory.print_estimate(training_args, model_args)
         return None
 
-    trainer = build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, eval_ds, eval_rows)
+    sample_rows = [{**r, "prompt": fmt.prompt_messages(r["prompt"])} for r in eval_rows]
+    trainer = build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, eval_ds, sample_rows)
+    # Every stop token of the family (Phi-3: <|end|> and <|endoftext|>) goes into the saved generation_config.
+    config = trainer.model.generation_config
+    known = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    config.eos_token_id = list(dict.fromkeys([*fmt.stop_token_ids, *(i for i in known if i is not None)]))
     resume = checks.checkpoint_to_resume(training_args, recipe_args.overwrite_output_dir)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_metrics("train", train_result.metrics)
@@ -123,10 +132,60 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
         start = next((h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h and h["step"] == 0), None)
         if start is not None:
             say(f"Eval loss on held-out revised responses: M_base {start:.4f} -> M_SFT {final['eval_loss']:.4f}")
-    save(trainer, training_args, model_args, script_args, data_args, report)
+    save(trainer, training_args, model_args, script_args, data_args, report, fmt)
     trainer.accelerator.wait_for_everyone()
     trainer.end()
     return trainer
+
+
+def prepare(rows, fmt, max_length, report, split):
+    """Rows -> a tokenized dataset with completion-only labels. Each step, and every row it drops, counted.
+
+    TRL would tokenize prompt + completion as one string, so a response starting with `{` could merge with the
+    prompt's last character; here the two are tokenized apart and the prompt ids are exactly the inference ones.
+    """
+    import datasets
+
+    if not rows:
+        return None
+    examples = []
+    for row in rows:
+        where = f"{row['source']} [{split}] row {row['row']}"
+        response = row["completion"][0]["content"]
+        # Render: the system prompt as the system role, folded into the user turn, or off (chat_format.py).
+        messages = fmt.prompt_messages(row["prompt"])
+        # Tokenize prompt and completion apart: prompt = inference ids; completion = answer + end-of-turn token.
+        try:
+            prompt_ids, completion_ids = fmt.tokenize(messages, response)
+        except chat_format.RowProblem as p:
+            report.drop(f"{split}: {p.reason}", where + (f": {p.detail}" if p.detail else ""))
+            continue
+        special = chat_format.has_special_text(fmt, response)
+        if special:
+            report.change(f"{split}: response holds special-token text (trained as plain text)", f"{where}: {special!r}")
+        # Labels: -100 on every system, user and template token; the answer and its end-of-turn token are trained.
+        input_ids = prompt_ids + completion_ids
+        labels = [-100] * len(prompt_ids) + completion_ids
+        # Length policy: a prompt that fills max_length is dropped; a long answer is cut (and loses its stop token).
+        if max_length is not None and len(input_ids) > max_length:
+            if len(prompt_ids) >= max_length:
+                report.drop(f"{split}: prompt leaves no room for the response at max_length",
+                            f"{where}: prompt is {len(prompt_ids)} tokens, max_length {max_length}")
+                continue
+            report.change(f"{split}: response truncated to max_length (no end-of-turn token)", where)
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+        examples.append({"input_ids": input_ids, "labels": labels, "source": row["source"], "row": row["row"]})
+    if not examples:
+        raise cai_data.DataError(
+            f"no {split} examples left after tokenization. Raise `max_length` or shorten the prompts:\n"
+            + "\n".join(report.drop_lines())
+        )
+    report.counts.update({
+        f"{split}_examples_tokenized": len(examples),
+        f"{split}_tokens": sum(len(e["input_ids"]) for e in examples),
+        f"{split}_trained_tokens": sum(sum(lab != -100 for lab in e["labels"]) for e in examples),
+    })
+    return datasets.Dataset.from_list(examples)
 
 
 def build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, eval_ds, eval_rows):
@@ -168,7 +227,7 @@ def build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, e
     return trainer
 
 
-def save(trainer, training_args, model_args, script_args, data_args, report):
+def save(trainer, training_args, model_args, script_args, data_args, report, fmt):
     """M_SFT: weights or adapter, tokenizer + chat template, generation_config, metrics, model card."""
     out = training_args.output_dir
     checks.save_model_atomically(trainer, out)
@@ -178,11 +237,11 @@ def save(trainer, training_args, model_args, script_args, data_args, report):
         dataset = [cai_data.source_name(s) for s in cai_data.sources_from_args(script_args, data_args)]
         trainer.create_model_card(model_name=os.path.basename(os.path.abspath(out)), dataset_name=", ".join(dataset))
         with open(os.path.join(out, "README.md"), "a", encoding="utf-8") as f:
-            f.write(model_card_section(trainer, model_args, data_args, dataset, report))
+            f.write(model_card_section(trainer, model_args, data_args, dataset, report, fmt))
         checks.mark_complete(out)
 
 
-def model_card_section(trainer, model_args, data_args, dataset, report) -> str:
+def model_card_section(trainer, model_args, data_args, dataset, report, fmt) -> str:
     a = trainer.args
     hyper = {
         "method": "QLoRA" if model_args.load_in_4bit else "LoRA" if model_args.use_peft else "full fine-tune",
@@ -205,8 +264,11 @@ def model_card_section(trainer, model_args, data_args, dataset, report) -> str:
         f"- Base model (M_base): `{model_args.model_name_or_path}`",
         f"- Data: {', '.join(f'`{d}`' for d in dataset)} "
         f"({report.counts.get('train_examples_tokenized')} train / {report.counts.get('eval_examples_tokenized')} eval)",
-        f"- System prompt: `{data_args.system_prompt}`",
-        f"- End-of-turn token: `{a.eos_token}`; loss on the response and that token only",
+        f"- System prompt: `{data_args.system_prompt}` ({fmt.mode}: "
+        + {"system": "the system role", "fold": "folded into the first user turn by the saved chat template",
+           "off": "no system message"}[fmt.mode] + ")",
+        f"- End-of-turn token: `{fmt.end_of_turn}`; loss on the response and that token only; stop tokens "
+        f"{fmt.stop_token_ids} in generation_config.json",
         "- Hyperparameters:",
         *[f"  - {k}: {v}" for k, v in hyper.items()],
         "",
@@ -217,5 +279,5 @@ def model_card_section(trainer, model_args, data_args, dataset, report) -> str:
 if __name__ == "__main__":
     try:
         main(*checks.parse_args(make_parser()))
-    except cai_data.DataError as e:  # bad data is a message naming file, row and fix, not a traceback
+    except (cai_data.DataError, chat_format.TemplateError) as e:  # a message naming file, row and fix
         raise SystemExit(f"Data error: {e}") from None

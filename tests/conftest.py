@@ -178,3 +178,12 @@ def tiny_config(model_dir: str, data: str, output_dir, **overrides) -> dict:
     }
     cfg.update(overrides)
     return cfg
+
+
+def prepare_rows(rows, tok, max_length, report, split="train", system_prompt=None):
+    """The recipe's own data path after loading: ChatFormat.detect (system mode, end-of-turn) + sft.prepare."""
+    import chat_format
+    import sft
+
+    fmt = chat_format.ChatFormat.detect(tok, system_prompt)
+    return sft.prepare(rows, fmt, max_length, report, split)

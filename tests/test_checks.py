@@ -195,13 +195,15 @@ def test_validate_on_dataclasses_says_the_same(case, tiny_model_dir, data_file, 
 
 
 def test_max_length_below_template_overhead():
-    tok = build_tokenizer("chatml")
-    data_args = types.SimpleNamespace(system_prompt="You are a helpful assistant.", datasets=[])
-    overhead = checks.validate_with_tokenizer(tok, types.SimpleNamespace(max_length=None), data_args)
+    import chat_format
+
+    fmt = chat_format.ChatFormat.detect(build_tokenizer("chatml"), "You are a helpful assistant.")
+    overhead = fmt.overhead("You are a helpful assistant.")
     assert overhead > 10  # three ChatML turns and the system prompt
-    assert checks.validate_with_tokenizer(tok, types.SimpleNamespace(max_length=overhead + 1), data_args) == overhead
+    checks.check_max_length(overhead + 1, overhead)
+    checks.check_max_length(None, overhead)
     with pytest.raises(checks.ConfigError) as e:
-        checks.validate_with_tokenizer(tok, types.SimpleNamespace(max_length=overhead), data_args)
+        checks.check_max_length(overhead, overhead)
     assert e.value.problems[0].startswith(f"max_length: {overhead} leaves no room") and "system_prompt" in str(e.value)
 
 

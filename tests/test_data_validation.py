@@ -7,7 +7,7 @@ import os
 import types
 
 import pytest
-from conftest import build_tokenizer, cai_row, run_recipe, tiny_config, toy_cai_rows, write_jsonl
+from conftest import build_tokenizer, cai_row, prepare_rows, run_recipe, tiny_config, toy_cai_rows, write_jsonl
 
 import cai_data
 
@@ -23,12 +23,6 @@ def script(path=None, train="train", test="test"):
 def load(path, **data_kwargs):
     data_kwargs.setdefault("eval_fraction", 0.0)
     return cai_data.load_pairs(script(str(path)), cai_data.CAIDataArguments(**data_kwargs))
-
-
-def sft_args(max_length=256):
-    from trl import SFTConfig
-
-    return SFTConfig(output_dir="/tmp/unused", max_length=max_length, bf16=False, report_to="none")
 
 
 # ------------------------------------------------------------------------------------------- columns
@@ -208,7 +202,7 @@ def test_prompt_without_room_dropped_then_stop_when_nothing_left(tmp_path):
     tok = build_tokenizer("chatml")
     rows = [cai_row("Why?", "Because.")] + [cai_row("why " * (50 + i), "Because.") for i in range(3)]
     train, _, report = load(write_jsonl(tmp_path / "d.jsonl", rows))
-    ds = cai_data.tokenize_pairs(train, tok, sft_args(64), report, "train", tok.eos_token)
+    ds = prepare_rows(train, tok, 64, report)
     assert len(ds) == 1
     reason = "train: prompt leaves no room for the response at max_length"
     assert report.dropped == {reason: 3}  # one reason however long each prompt is
@@ -216,7 +210,7 @@ def test_prompt_without_room_dropped_then_stop_when_nothing_left(tmp_path):
     with pytest.raises(
         cai_data.DataError, match=r"no train examples left(.|\n)*dropped 3 \(train: prompt leaves no room"
     ):
-        cai_data.tokenize_pairs(train[1:], tok, sft_args(64), cai_data.DataReport(), "train", tok.eos_token)
+        prepare_rows(train[1:], tok, 64, cai_data.DataReport())
 
 
 # ------------------------------------------------------------------------------------------- dedupe and leaks

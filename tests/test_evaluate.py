@@ -72,9 +72,10 @@ def test_scores_match_an_independent_computation(tmp_path, tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     args = evaluate.EvalArguments(sft_model=tiny_model_dir, base_model=tiny_model_dir, test_file=path, batch_size=2)
     report = cai_data.DataReport()
+    _, fmt = evaluate.load_tokenizer(args, tiny_model_dir)
     pairs, raw = evaluate.load_set(path, "test", args, report, "cai_test")
-    scored = {"cai_revision": evaluate.tokenize(pairs, tok, args, report, "cai_revision"),
-              "cai_initial": evaluate.tokenize(evaluate.initial_pairs(pairs, raw, report), tok, args, report,
+    scored = {"cai_revision": evaluate.tokenize(pairs, fmt, args, report, "cai_revision"),
+              "cai_initial": evaluate.tokenize(evaluate.initial_pairs(pairs, raw, report), fmt, args, report,
                                                "cai_initial")}  # fmt: skip
     metrics = evaluate.score_model(model, tok, scored, args)
 

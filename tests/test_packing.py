@@ -4,7 +4,7 @@ transformers' sdpa and eager attention and for the recipe's per-document `sdpa_v
 
 import pytest
 import torch
-from conftest import cai_row, write_jsonl
+from conftest import cai_row, prepare_rows, write_jsonl
 
 import cai_data
 import varlen_attention
@@ -36,7 +36,7 @@ def packed_trainer(tiny_model_dir, tmp_path, attn_implementation):
         dataset_name, dataset_config, dataset_train_split, dataset_test_split = data, None, "train", "test"
 
     rows, _, report = cai_data.load_pairs(Script, cai_data.CAIDataArguments(eval_fraction=0.0))
-    ds = cai_data.tokenize_pairs(rows, tok, args, report, "train", tok.eos_token)
+    ds = prepare_rows(rows, tok, args.max_length, report)
     varlen_attention.register()
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn_implementation)
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)

@@ -4,19 +4,15 @@ and several real chat templates; and examples that lose their response are dropp
 import json
 
 import pytest
-from conftest import TEMPLATES, build_tokenizer, cai_row, write_jsonl
+from conftest import TEMPLATES, build_tokenizer, cai_row, prepare_rows, write_jsonl
+
+import chat_format
 
 import cai_data
 
 SYSTEM = "You are a helpful assistant aligned with constitutional principles."
 PROMPT = "How do I pick a lock?"
 RESPONSE = "I can't help with breaking into homes, but a locksmith can help you."
-
-
-def _args(max_length=256):
-    from trl import SFTConfig
-
-    return SFTConfig(output_dir="/tmp/unused", max_length=max_length, bf16=False, report_to="none")
 
 
 def prepare(tmp_path, rows, template="chatml", max_length=256, **data_kwargs):
@@ -28,7 +24,7 @@ def prepare(tmp_path, rows, template="chatml", max_length=256, **data_kwargs):
         dataset_name, dataset_config, dataset_train_split, dataset_test_split = path, None, "train", "test"
 
     train, _, report = cai_data.load_pairs(Script, data_args)
-    ds = cai_data.tokenize_pairs(train, tok, _args(max_length), report, "train", tok.eos_token)
+    ds = prepare_rows(train, tok, max_length, report, system_prompt=data_args.system_prompt)
     return tok, ds, report
 
 
@@ -85,11 +81,18 @@ def test_seed_template_starts_with_bos_and_trains_only_response(tmp_path):
 
 
 def test_gemma_template_without_system_role(tmp_path):
-    # Gemma's template rejects a system role: the system prompt can be turned off.
-    tok, ds, _ = prepare(tmp_path, [cai_row(PROMPT, RESPONSE)], template="gemma", system_prompt=None)
+    # Gemma's template rejects a system role: with the defaults the system prompt is folded into the user turn.
+    tok, ds, _ = prepare(tmp_path, [cai_row(PROMPT, RESPONSE)], template="gemma")
     ex = ds[0]
     assert trained_text(tok, ex) == RESPONSE + "<end_of_turn>"
     assert tok.decode(ex["input_ids"]).count("<start_of_turn>") == 2
+    assert f"<start_of_turn>user\n{SYSTEM}\n\n{PROMPT}<end_of_turn>" in tok.decode(ex["input_ids"])
+
+
+@pytest.mark.parametrize("off", [None, "null", "none", ""])
+def test_system_prompt_off_words(tmp_path, off):
+    tok, ds, _ = prepare(tmp_path, [cai_row(PROMPT, RESPONSE)], template="gemma", system_prompt=off)
+    assert SYSTEM not in tok.decode(ds[0]["input_ids"]) and "null" not in tok.decode(ds[0]["input_ids"])
 
 
 def test_exact_golden_ids_chatml(tmp_path):
@@ -131,7 +134,7 @@ def test_long_response_truncated_with_count(tmp_path):
     rows = [cai_row(PROMPT, "fox " * 200)]
     _, ds, report = prepare(tmp_path, rows, max_length=64)
     assert len(ds[0]["input_ids"]) == 64
-    assert report.changed["train: response truncated to max_length"] == 1
+    assert report.changed["train: response truncated to max_length (no end-of-turn token)"] == 1
 
 
 def test_nothing_left_stops_with_clear_error(tmp_path):
@@ -145,16 +148,8 @@ def test_template_without_eos_is_refused(tmp_path):
         "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
         "{% if add_generation_prompt %}assistant: {% endif %}"
     )
-    examples = [
-        {
-            "prompt": [{"role": "user", "content": PROMPT}],
-            "completion": [{"role": "assistant", "content": RESPONSE}],
-            "source": "x",
-            "row": 0,
-        }
-    ]
-    with pytest.raises(cai_data.DataError, match="never learns to stop"):
-        cai_data.tokenize_pairs(examples, tok, _args(), cai_data.DataReport(), "train", tok.eos_token)
+    with pytest.raises(chat_format.TemplateError, match="never learns to stop"):
+        chat_format.ChatFormat.detect(tok, SYSTEM)
 
 
 def test_eval_split_by_unique_prompt(tmp_path):
