@@ -1,8 +1,11 @@
 """Constitutional AI, supervised phase: fine-tune M_base on (P, R_revised) pairs into M_SFT.
 
-Each pair becomes a conversational prompt/completion, prompt = [system, user P], completion = [assistant
-R_revised], rendered with the model's chat template (or `chat_template_path`). TRL's completion-only loss
-trains on the response and the end-of-turn token that closes it; everything else is label -100.
+The flow, in `main` and `prepare` below: load pairs (any schema -> [system, user P] + R_revised, drops counted)
+-> render with the model's chat template (system role native, or folded into the user turn where the template has
+none; chat_format.py detects it and the end-of-turn token) -> tokenize prompt and completion apart (the prompt ids
+are exactly the inference ones) -> labels (-100 on every system, user and template token; the response and its
+end-of-turn token trained) -> length policy (counted) -> TRL's SFTTrainer on the tokenized dataset -> M_SFT with
+its chat template and stop tokens. `--dry_run` runs the same steps and writes preview.jsonl instead of training.
 
 # Demo on CPU (embedded SmolLM2-135M-Instruct, LoRA, bundled data)
 ```bash

@@ -233,3 +233,29 @@ def test_dry_run_demo_settings_every_family(tmp_path, family):
     for ex in preview:
         assert ex["input_ids"][-1] == end_id and ex["labels"][-1] == end_id
         assert ex["input_ids"].count(end_id) >= 1
+
+
+def test_trained_model_saves_fold_template_and_every_stop_token(tmp_path):
+    """Gemma-2 end to end with the defaults: the saved template folds the system prompt, generation_config stops at
+    <end_of_turn> and <eos>."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    model = tmp_path / "model"
+    tok = family_tokenizer("gemma2")
+    tok.save_pretrained(model)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)).save_pretrained(model)
+    from conftest import tiny_config
+
+    data = write_jsonl(tmp_path / "d.jsonl", [rows_of("cai", f"Question {i}?", "No, sorry.") for i in range(12)])
+    cfg = tiny_config(str(model), data, tmp_path / "out", max_steps=2, eval_strategy="no")
+    run_recipe(cfg, tmp_path)
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = saved.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}],
+                                     tokenize=False, add_generation_prompt=True)
+    assert text == f"<bos><start_of_turn>user\n{SYSTEM}\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    stops = GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id
+    assert stops == tok.convert_tokens_to_ids(["<end_of_turn>", "<eos>"])
