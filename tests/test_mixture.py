@@ -9,7 +9,7 @@ import pytest
 from conftest import cai_row, run_recipe, tiny_config, write_jsonl
 
 import cai_data
-import checks
+import run_dir
 
 
 def script():
@@ -222,6 +222,6 @@ def test_train_on_two_source_mixture(tmp_path, tiny_model_dir):
     assert summary["counts"]["train_examples"] == 24 and summary["counts"]["eval_examples"] == 8
     assert summary["dropped"] == {"prompt empty or whitespace": 1}
     assert summary["changed"]["train rows left out by mixture fractions"] == 12
-    assert (out / checks.COMPLETE_MARKER).exists(), proc.stdout[-2000:]
+    assert (out / run_dir.COMPLETE_MARKER).exists(), proc.stdout[-2000:]
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2
