@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling module
 import cai_data  # noqa: E402
 import checks  # noqa: E402
 import entry  # noqa: E402
+import env  # noqa: E402
 import generation  # noqa: E402
 import run_dir  # noqa: E402
 
@@ -149,6 +150,8 @@ def rules(cfg: dict) -> list[str]:
     out = cfg.get("output_dir") or cfg.get("sft_model")
     inputs = {k: cfg.get(k) for k in ("test_file", "benign_file", "redteam_file", "chat_template_path")}
     p = checks.range_problems(cfg)
+    p += [f"{k}: {v} does not exist{checks.where(v)}. Fix the path." for k, v in inputs.items()
+          if v and env.is_local_path(v) and not os.path.exists(v)]
     if out and os.path.exists(out) and not os.path.isdir(out):
         return p + [f"output_dir: {out} is a file, but the reports need a folder. Set output_dir to a folder."]
     for name in REPORTS:
