@@ -195,7 +195,8 @@ def test_dry_run_mixture_summary(tmp_path, tiny_model_dir):
         ],
     )
     sources = [{"path": a, "fraction": 0.75, "eval_fraction": 0}, {"path": b, "fraction": 0.25, "eval_fraction": 0}]
-    proc = run_recipe(tiny_config(tiny_model_dir, None, tmp_path / "out", datasets=sources), tmp_path, "--dry_run")
+    cfg = tiny_config(tiny_model_dir, None, tmp_path / "out", datasets=sources, eval_strategy="no")  # no eval rows
+    proc = run_recipe(cfg, tmp_path, "--dry_run")
     summary = json.loads((tmp_path / "out" / "data_summary.json").read_text())
     assert summary["sources"][a]["train_rows_in_mixture"] == 30 and summary["sources"][b]["train_rows_in_mixture"] == 10
     assert summary["counts"]["train_examples"] == 40 and summary["counts"]["train_examples_tokenized"] == 40
