@@ -87,6 +87,16 @@ def claim(folder: str, program: str) -> None:
         write_text(os.path.join(folder, OWNER), json.dumps({"program": program}) + "\n")
 
 
+def _parent_problem(key: str, path: str) -> str | None:
+    """A file where a folder above `path` would have to be (checked now, not when the work is done)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        return f"{key}: {parent} is a file, so {path} cannot be created. Choose another {key}."
+    return None
+
+
 def _listing(names: list[str]) -> str:
     shown = ", ".join(sorted(names)[:4])
     return shown + (f" and {len(names) - 4} more" if len(names) > 4 else "")
@@ -102,14 +112,12 @@ def folder_problems(key: str, folder: str, program: str, overwrite: bool, inputs
     p = input_problems(key, folder, inputs or {})
     if os.path.exists(folder) and not os.path.isdir(folder):
         return p + [f"{key}: {folder} is a file, but a folder is needed here. Choose another {key}."]
-    parent = os.path.dirname(os.path.abspath(folder))
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        return p + [f"{key}: {parent} is a file, so {folder} cannot be created. Choose another {key}."]
+    if _parent_problem(key, folder):
+        return p + [_parent_problem(key, folder)]
     if p or overwrite or not os.path.isdir(folder) or owner_of(folder) == program:
         return p
-    foreign = [n for n in os.listdir(folder) if n not in own and not CHECKPOINT_RE.match(n)]
+    foreign = [n for n in os.listdir(folder) if n not in own and not CHECKPOINT_RE.match(n)
+               and not n.startswith(OWNER)]  # OWNER's temporary file, while another process of this run writes it
     if foreign:
         p.append(f"{key}: {folder} already holds files that {program} did not write ({_listing(foreign)}). Choose "
                  f"a new or empty {key}, or add {OVERWRITE} to write into it anyway.")
@@ -125,11 +133,8 @@ def file_problems(key: str, path: str, overwrite: bool, inputs: dict | None = No
     p = input_problems(key, path, inputs or {})
     if os.path.isdir(path):
         return p + [f"{key}: {path} is a folder, but a file is needed here. Choose another {key}."]
-    parent = os.path.dirname(os.path.abspath(path))
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        return p + [f"{key}: {parent} is a file, so {path} cannot be created. Choose another {key}."]
+    if _parent_problem(key, path):
+        return p + [_parent_problem(key, path)]
     if p or overwrite or not os.path.exists(path) or (is_own is not None and is_own(path)):
         return p
     return [f"{key}: {path} already exists and was not written by {program}. Choose another {key}, or add "
