@@ -52,7 +52,7 @@ def sharded(cfg) -> str | None:
     launch = memory.launch_setup(types.SimpleNamespace(deepspeed=cfg.get("deepspeed"), fsdp=cfg.get("fsdp"), world_size=1))
     if launch.get("zero_stage") == 3:
         return "DeepSpeed ZeRO-3"
-    return "FSDP" if launch.get("fsdp") == "full_shard" else None
+    return "FSDP" if launch.get("fsdp") else None
 
 
 def config_problems(cfg: dict, world_size: int = 1) -> list[str]:

@@ -369,6 +369,9 @@ def launch_setup(training_args, env=None) -> dict:
         out["offload_optimizer"] = _truthy(env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none"))
         out["offload_params"] = _truthy(env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none"))
     fsdp = training_args.fsdp
+    if fsdp is True:  # transformers >= 5 turns `--fsdp full_shard` into True + fsdp_config
+        reshard = (getattr(training_args, "fsdp_config", None) or {}).get("reshard_after_forward", True)
+        fsdp = "full_shard" if _truthy(reshard) else "shard_grad_op"
     fsdp = " ".join(str(getattr(x, "value", x)) for x in fsdp) if isinstance(fsdp, list) else (fsdp or "")
     if "shard_grad_op" in fsdp:
         out["fsdp"] = "shard_grad_op"
