@@ -231,6 +231,8 @@ def guarded(call, *args, **kwargs):
         fail(str(e.code))
     except cai_data.DataError as e:
         fail(f"Data error: {e}")
+    except OSError as e:  # a file the program could not read or write (permissions, disk full, ...)
+        fail(f"File error: {e}. Check the path and its permissions.")
 
 
 def run(program, parser, rules=None, argv=None):

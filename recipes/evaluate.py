@@ -125,6 +125,8 @@ def check_args(args: EvalArguments) -> dict:
         problems.append("test_file / benign_file: set at least one (e.g. data/cai_test.jsonl, data/helpful_test.jsonl)")
     if bool(args.judge_url) != bool(args.judge_model):
         problems.append("judge_url and judge_model: set both to use a judge, or neither.")
+    if base and env.is_local_path(base) and not os.path.isdir(base):
+        problems.append(f"base_model: {base} does not exist{checks.where(base)}. Point it at M_base's folder.")
     problems += rules(asdict(args))
     if problems:
         raise checks.ConfigError(problems)

@@ -56,6 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling module
 import cai_data  # noqa: E402
 import checks  # noqa: E402
 import entry  # noqa: E402
+import env  # noqa: E402
 import generation  # noqa: E402
 import run_dir  # noqa: E402
 
@@ -187,7 +188,10 @@ def validate(args: GenerateArguments) -> None:
 
 def rules(cfg: dict) -> list[str]:
     """Ranges of the numeric options and the output guard (entry.parse runs them before anything loads)."""
-    return checks.range_problems(cfg) + output_problems(cfg)
+    model = cfg.get("model_name_or_path")
+    missing = [f"model_name_or_path: {model} does not exist{checks.where(model)}. Fix the path."] if (
+        model and cfg.get("backend") != "openai" and env.is_local_path(model) and not os.path.exists(model)) else []
+    return checks.range_problems(cfg) + missing + output_problems(cfg)
 
 
 def own_summary(path: str) -> bool:

@@ -376,3 +376,23 @@ def test_convert_gguf_refuses_a_folder_it_did_not_write(tmp_path):
     problems = convert_gguf.problems({"output": str(folder)})
     assert problems and "did not write (train.jsonl)" in problems[0]
     assert convert_gguf.problems({"output": str(folder), "overwrite_output_dir": True}) == []
+
+
+def test_missing_model_folders_named_before_loading(tiny_model_dir, data_file, tmp_path):
+    gen = gr.GenerateArguments(model_name_or_path=str(tmp_path / "no-model"), dataset_name=data_file,
+                               output_path=str(tmp_path / "g.jsonl"))
+    with pytest.raises(checks.ConfigError, match="model_name_or_path: .*no-model does not exist"):
+        gr.validate(gen)
+    ev = evaluate.EvalArguments(sft_model=tiny_model_dir, base_model=str(tmp_path / "no-base"), test_file=data_file,
+                                output_dir=str(tmp_path / "out"))
+    with pytest.raises(checks.ConfigError, match="base_model: .*no-base does not exist"):
+        evaluate.check_args(ev)
+
+
+def test_entry_turns_file_errors_into_a_message(capsys):
+    def program():
+        raise PermissionError(13, "Permission denied", "/root/x")
+
+    with pytest.raises(SystemExit) as e:
+        entry.guarded(program)
+    assert e.value.code == 2 and "File error" in capsys.readouterr().err
