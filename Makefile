@@ -15,7 +15,7 @@ install:
 
 model: $(MODEL_DIR)/model.safetensors
 $(MODEL_DIR)/model.safetensors:
-	$(PY) recipes/convert_gguf.py --output $(MODEL_DIR)
+	$(PY) tools/convert_gguf.py --output $(MODEL_DIR)
 
 demo: model
 	$(PY) recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml
@@ -62,12 +62,12 @@ train-7b-full: $(if $(DRY_RUN),standin-7b)
 
 standin-7b: $(STANDIN_7B)/config.json
 $(STANDIN_7B)/config.json:
-	$(PY) recipes/make_standin.py --output $(STANDIN_7B)
+	$(PY) tools/make_standin.py --output $(STANDIN_7B)
 
 # make merge ADAPTER=outputs/mistral-7b-cai-sft-qlora OUT=outputs/mistral-7b-cai-sft-merged
 merge:
 	$(if $(and $(ADAPTER),$(OUT)),,$(error set ADAPTER=<adapter folder> and OUT=<output folder>))
-	$(PY) recipes/merge.py --adapter $(ADAPTER) --output $(OUT) $(ARGS)
+	$(PY) tools/merge.py --adapter $(ADAPTER) --output $(OUT) $(ARGS)
 
 # Trained tokens/s, padding, peak memory, time to first step, data prep: ratios to plain TRL measured in the same
 # run, median of interleaved reps, each run in a fresh process (docs/BENCHMARKS.md): the YAML as is, and packed.

@@ -27,12 +27,14 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import env
+
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant aligned with constitutional principles."
 FORMATS = ("auto", "cai", "pc", "messages", "hh")
 ROLES = ("system", "user", "assistant")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-# A missing path with one of these endings is a missing file, not a hub dataset id.
-FILE_ENDING = re.compile(r"\.(jsonl|json|parquet|csv|tsv|txt|xlsx?|arrow|gz|zip|bz2|xz|zst|pkl|pickle)$", re.I)
+# Columns only the cai-conversation-harmless schema has (its target is revision_response).
+CAI_ONLY_COLUMNS = {"init_prompt", "init_response", "critic_prompt", "critic_response", "revision_prompt"}
 MAX_LOCATIONS = 5  # how many example locations to keep per drop reason
 SOURCE_KEYS = (
     "path", "name", "data_dir", "data_files", "split", "test_split", "fraction", "format", "prompt_column",
@@ -174,7 +176,7 @@ def _decode(raw: bytes, path: str) -> str:
         ) from None
 
 
-def _read_json_lines(path: str) -> list[dict]:
+def read_json_lines(path: str) -> list[dict]:
     # Our own reader so that a bad line is reported by number; datasets' json loader only says "invalid".
     text = _decode(_read_bytes(path), path)
     if path.lower().endswith(".json") and text.lstrip().startswith("["):
@@ -234,7 +236,7 @@ def _read_parquet(path: str) -> list[dict]:
         raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e}).") from None
 
 
-def _read_local(path: str) -> list[dict]:
+def read_local(path: str) -> list[dict]:
     """Rows of one local file; every way a file can be unusable is one clear DataError."""
     if os.path.isdir(path):
         raise DataError(
@@ -255,13 +257,7 @@ def _read_local(path: str) -> list[dict]:
         return _read_parquet(path)
     if suffix == ".csv":
         return _read_csv(path)
-    return _read_json_lines(path)
-
-
-def _is_hub_id(path: str) -> bool:
-    """Whether `path` names a hub dataset rather than a local file or folder (which may be missing)."""
-    return not (os.path.exists(path) or path.startswith((".", "/", "~")) or FILE_ENDING.search(path)
-                or path.count("/") > 1)  # fmt: skip
+    return read_json_lines(path)
 
 
 def _folder_files(folder: str) -> dict[str, list[str]]:
@@ -295,7 +291,7 @@ def _split_files(source: dict, split: str) -> list[str] | None:
             raise DataError(f"a dataset source has neither `path` nor `data_files`: {source}")
         if os.path.isdir(path):
             return _folder_files(os.path.join(path, source.get("data_dir") or "")).get(split, [])
-        if _is_hub_id(path):
+        if not env.is_local_path(path):
             return None
         data_files = path
     if isinstance(data_files, dict):
@@ -307,11 +303,6 @@ def _split_files(source: dict, split: str) -> list[str] | None:
     return [os.path.join(base, f) for f in files]
 
 
-def _offline() -> bool:
-    flags = (os.environ.get(v, "").lower() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    return any(f in ("1", "true", "yes", "on") for f in flags)
-
-
 def _read_hub(source: dict, split: str) -> list[dict]:
     import datasets
 
@@ -319,8 +310,8 @@ def _read_hub(source: dict, split: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(path, name=source.get("name"), data_dir=source.get("data_dir"), split=split)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message
-        if _offline() or isinstance(e, (ConnectionError, TimeoutError)):
-            why = "offline mode: HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set" if _offline() else str(e)
+        if env.offline() or isinstance(e, (ConnectionError, TimeoutError)):
+            why = "offline mode: HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set" if env.offline() else str(e)
             raise DataError(
                 f"dataset '{path}': not a local file or folder, and the Hugging Face Hub is unreachable ({why}). "
                 f"Download it where the Hub is reachable (`hf download {path} --repo-type dataset --local-dir "
@@ -347,7 +338,7 @@ def _read_rows(source: dict, split: str) -> tuple[list[dict], list[tuple[str, in
         )
     rows, origins = [], []
     for path in files:
-        part = _read_local(path)
+        part = read_local(path)
         if not part:
             raise DataError(f"{path}: the file holds no rows. Fill it or remove it from the configuration.")
         rows += part
@@ -428,14 +419,25 @@ def detect_format(columns: list[str], source: dict) -> str:
         return "pc"
     if "revision_response" in columns:
         return "cai"
+    if len(CAI_ONLY_COLUMNS & set(columns)) >= 2:  # a cai-conversation-harmless table without its target column
+        raise DataError(
+            f"source {source_name(source)}: the columns {columns} are the cai-conversation-harmless schema, but its "
+            "target column `revision_response` (R_revised) is missing. Add it, or train on another column with "
+            "`response_column: <column>` (or `format: messages` to use the `messages` column)."
+        )
     if "prompt" in columns and "completion" in columns:
         return "pc"
     if "messages" in columns:
         return "messages"
     if "chosen" in columns or "text" in columns:
         return "hh"
+    schemas = {"cai-conversation-harmless": ["prompt", "revision_response"], "prompt/completion": ["prompt", "completion"],
+               "messages": ["messages"], "HH": ["chosen"]}
+    near, wanted = max(schemas.items(), key=lambda kv: sum(c in columns for c in kv[1]))
+    missing = [c for c in wanted if c not in columns]
     raise DataError(
-        f"source {source_name(source)}: cannot tell the schema from its columns {columns}. Expected the "
+        f"source {source_name(source)}: cannot tell the schema from its columns {columns}; they look most like the "
+        f"{near} schema, which needs column(s) {missing}. Expected the "
         "cai-conversation-harmless columns (prompt, revision_response, ...), prompt/completion, messages, or HH text "
         "(chosen/text). Map yours with `prompt_column` + `response_column`, or `messages_column`, on this source."
     )
@@ -540,6 +542,11 @@ def normalize(rows, source: dict, split: str, data_args: CAIDataArguments, repor
         except RowProblem as p:
             reasons[p.reason] += 1
             report.drop(p.reason, f"{where} field '{p.column}'" + (f": {p.detail}" if p.detail else ""))
+            continue
+        init = row.get("init_response") if fmt == "cai" else None
+        if isinstance(init, str) and " ".join(response.split()) == " ".join(init.split()):  # not revised at all
+            reasons["revision identical to init_response"] += 1
+            report.drop("revision identical to init_response", f"{where} field 'revision_response'")
             continue
         if ignored:
             report.change(f"{fmt}: turns after the last assistant turn ignored", f"{where}: {ignored} turn(s)")

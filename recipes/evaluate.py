@@ -37,7 +37,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling module
 
 import cai_data  # noqa: E402
 import chat_format  # noqa: E402
+import checks  # noqa: E402
+import entry  # noqa: E402
+import env  # noqa: E402
 import generation  # noqa: E402
+import run_dir  # noqa: E402
 
 MODELS = ("M_base", "M_SFT")
 
@@ -90,6 +94,9 @@ class EvalArguments:
         default="OPENAI_API_KEY", metadata={"help": "Name of the environment variable that holds the judge's API key."}
     )
     judge_concurrency: int = field(default=4, metadata={"help": "Judge requests in flight at once."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace eval_report.json/.md files that this program did not write."}
+    )
 
     def __post_init__(self):
         self.system_prompt = cai_data.no_system_prompt(self.system_prompt)  # null / none / '' mean none
@@ -108,9 +115,13 @@ def check_args(args: EvalArguments) -> dict:
     elif not os.path.isdir(args.sft_model):
         problems.append(f"sft_model: {args.sft_model} is not a folder. Train first (make demo) or fix the path.")
     elif is_adapter and not base:
-        with open(os.path.join(args.sft_model, "adapter_config.json")) as f:
-            base = json.load(f).get("base_model_name_or_path")
-        if not base:
+        try:
+            with open(os.path.join(args.sft_model, "adapter_config.json"), encoding="utf-8") as f:
+                base = json.load(f).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError) as e:
+            problems.append(f"sft_model: {args.sft_model}/adapter_config.json is not readable JSON ({e}); copy it "
+                            "again from the training run.")
+        if not base and not problems:
             problems.append(f"base_model: not set and {args.sft_model}/adapter_config.json names no base model.")
     elif not base:
         problems.append(
@@ -121,9 +132,41 @@ def check_args(args: EvalArguments) -> dict:
         problems.append("test_file / benign_file: set at least one (e.g. data/cai_test.jsonl, data/helpful_test.jsonl)")
     if bool(args.judge_url) != bool(args.judge_model):
         problems.append("judge_url and judge_model: set both to use a judge, or neither.")
+    if base and env.is_local_path(base) and not os.path.isdir(base):
+        problems.append(f"base_model: {base} does not exist{checks.where(base)}. Point it at M_base's folder.")
+    problems += rules(asdict(args))
     if problems:
-        raise SystemExit("Configuration problems:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise checks.ConfigError(problems)
     return {"base": base, "is_adapter": is_adapter, "output_dir": args.output_dir or args.sft_model}
+
+
+REPORTS = ("eval_report.json", "eval_report.md")
+
+
+def own_report(path: str) -> bool:
+    """Whether `path` is an evaluation report this program wrote (it may be replaced by a new evaluation)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".json"):
+                return "m_sft" in json.load(f)
+            return f.readline().startswith("# CAI SFT evaluation")
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def rules(cfg: dict) -> list[str]:
+    """Ranges, and the output guard on the two report files (checked before any model loads)."""
+    out = cfg.get("output_dir") or cfg.get("sft_model")
+    inputs = {k: cfg.get(k) for k in ("test_file", "benign_file", "redteam_file", "chat_template_path")}
+    p = checks.range_problems(cfg)
+    p += [f"{k}: {v} does not exist{checks.where(v)}. Fix the path." for k, v in inputs.items()
+          if v and env.is_local_path(v) and not os.path.exists(v)]
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        return p + [f"output_dir: {out} is a file, but the reports need a folder. Set output_dir to a folder."]
+    for name in REPORTS:
+        p += run_dir.file_problems("output_dir", os.path.join(out, name), bool(cfg.get("overwrite_output_dir")),
+                                   inputs, own_report, "evaluate.py") if out else []
+    return p
 
 
 def load_tokenizer(args: EvalArguments, base: str):
@@ -524,8 +567,7 @@ def write_markdown(report: dict, path: str) -> None:
                 f"| {i} | {_cell(g['text'])}{tag} | {_cell(g['M_base']['answer'])}{_judge_note(g['M_base'])} "
                 f"| {_cell(g['M_SFT']['answer'])}{_judge_note(g['M_SFT'])} |"
             )
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    run_dir.write_text(path, "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -593,9 +635,7 @@ def main(args: EvalArguments) -> dict:
             failed = f"judge endpoint failed: {e}"
             result["judge_error"] = str(e)
 
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "eval_report.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2, ensure_ascii=False)
+    run_dir.write_text(os.path.join(out_dir, "eval_report.json"), json.dumps(result, indent=2, ensure_ascii=False))
     write_markdown(result, os.path.join(out_dir, "eval_report.md"))
     print_generations(result["generations"])
     print_table(metrics)
@@ -608,7 +648,4 @@ def main(args: EvalArguments) -> dict:
 if __name__ == "__main__":
     from trl import TrlParser
 
-    try:
-        main(*TrlParser((EvalArguments,)).parse_args_and_config())
-    except (cai_data.DataError, chat_format.TemplateError) as e:
-        raise SystemExit(f"Data error: {e}") from None
+    entry.run(main, TrlParser((EvalArguments,)), rules)

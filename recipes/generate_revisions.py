@@ -55,7 +55,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling module
 
 import cai_data  # noqa: E402
 import chat_format  # noqa: E402
+import checks  # noqa: E402
+import entry  # noqa: E402
+import env  # noqa: E402
 import generation  # noqa: E402
+import run_dir  # noqa: E402
 
 BACKENDS = ("transformers", "vllm", "openai")
 OUTPUT_COLUMNS = ("init_prompt", "init_response", "critic_prompt", "critic_response", "revision_prompt",
@@ -106,6 +110,9 @@ class GenerateArguments:
         default="outputs/generated/revisions.jsonl", metadata={"help": "JSONL written (appended) row by row."}
     )
     overwrite: bool = field(default=False, metadata={"help": "Start afresh instead of resuming output_path."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace an output_path this program did not write (else refused)."}
+    )
     max_rows: int | None = field(default=None, metadata={"help": "Use only the first N prompts (index order)."})
     # prompt format: the same as sft.py
     system_prompt: str | None = field(
@@ -180,19 +187,47 @@ def validate(args: GenerateArguments) -> None:
         problems.append(f"model_name_or_path: required by backend {args.backend} (a local folder or hub id).")
     if args.backend == "openai" and not (args.endpoint_url and args.endpoint_model):
         problems.append("endpoint_url and endpoint_model: both required by backend openai.")
-    if args.num_rounds < 1:
-        problems.append(f"num_rounds: {args.num_rounds}; must be >= 1.")
-    if args.batch_size < 1 or args.num_workers < 1 or args.max_new_tokens < 1:
-        problems.append("batch_size, num_workers and max_new_tokens must be >= 1.")
     if args.few_shot and args.few_shot_path:
         problems.append("few_shot and few_shot_path: set one of them, not both.")
+    problems += rules(asdict(args))
     if problems:
-        raise SystemExit("Configuration problems:\n" + "\n".join(f"  - {p}" for p in problems))
+        raise checks.ConfigError(problems)
+
+
+def rules(cfg: dict) -> list[str]:
+    """Ranges of the numeric options and the output guard (entry.parse runs them before anything loads)."""
+    model = cfg.get("model_name_or_path")
+    missing = [f"model_name_or_path: {model} does not exist{checks.where(model)}. Fix the path."] if (
+        model and cfg.get("backend") != "openai" and env.is_local_path(model) and not os.path.exists(model)) else []
+    return checks.range_problems(cfg) + missing + output_problems(cfg)
+
+
+def own_summary(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+        return isinstance(summary, dict) and isinstance(summary.get("settings"), dict) and "output" in summary
+    except (OSError, ValueError):
+        return False
+
+
+def output_problems(cfg: dict) -> list[str]:
+    """output_path and its summary: never an input; an existing file only if this program wrote it (its summary
+    is next to it), or with --overwrite_output_dir."""
+    out = cfg.get("output_path")
+    if not out:
+        return ["output_path: not set. Give the JSONL file to write, e.g. outputs/generated/revisions.jsonl."]
+    inputs = {k: cfg.get(k) for k in ("dataset_name", "constitution_path", "few_shot_path", "chat_template_path")}
+    overwrite = bool(cfg.get("overwrite_output_dir"))
+    p = run_dir.file_problems("output_path", out, overwrite, inputs, lambda path: own_summary(summary_path(path)),
+                              "generate_revisions.py (no summary file next to it)")
+    p += run_dir.file_problems("output_path", summary_path(out), overwrite, inputs, own_summary, "generate_revisions.py")
+    return list(dict.fromkeys(p))
 
 
 def load_constitution(path: str) -> list[dict]:
     """The principles, each with a non-empty id, critique_request and revision_request; errors name the entry."""
-    principles = cai_data._read_local(path)
+    principles = cai_data.read_local(path)
     if not principles:
         raise cai_data.DataError(f"{path}: no principles in the constitution file.")
     seen = set()
@@ -217,7 +252,7 @@ def load_few_shot(args: GenerateArguments) -> list[dict]:
     turns = args.few_shot
     if args.few_shot_path:
         where = args.few_shot_path
-        turns = cai_data._read_local(args.few_shot_path)
+        turns = cai_data.read_local(args.few_shot_path)
     for i, t in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if not isinstance(t, dict) or t.get("role") != expected or not isinstance(t.get("content"), str) \
@@ -274,18 +309,17 @@ def summary_path(output_path: str) -> str:
 def read_done(args: GenerateArguments, prompts: list[tuple[int, str]], settings: dict) -> dict[int, dict]:
     """Rows already in output_path, by prompt index, after checking they came from this input and these settings."""
     path = args.output_path
-    if args.overwrite or not os.path.exists(path):
+    if args.overwrite or args.overwrite_output_dir or not os.path.exists(path):
         for p in (path, summary_path(path)):
             if os.path.exists(p):
                 os.remove(p)
         return {}
+    problems = output_problems(asdict(args))  # the file is this program's own before anything in it changes
+    if problems:
+        raise checks.ConfigError(problems)
     with open(path, "rb") as f:
         data = f.read()
-    if data and not data.endswith(b"\n"):  # a write cut short by a crash: that prompt is generated again
-        cut = data.rfind(b"\n") + 1
-        print(f"{path}: removing an incomplete last line (interrupted write); that prompt will be generated again.")
-        with open(path, "r+b") as f:
-            f.truncate(cut)
+    cut = data.rfind(b"\n") + 1  # after it: a line cut short by a crash (that prompt is generated again)
     if os.path.exists(summary_path(path)):
         with open(summary_path(path), encoding="utf-8") as f:
             before = json.load(f).get("settings", {})
@@ -298,8 +332,16 @@ def read_done(args: GenerateArguments, prompts: list[tuple[int, str]], settings:
             )
     by_index = dict(prompts)
     done = {}
-    for n, row in enumerate(cai_data._read_json_lines(path), 1):
-        i = row.get("prompt_index")
+    # Only the complete lines, parsed here: cai_data.read_json_lines takes a whole file, and the last line may be cut.
+    for n, line in enumerate(data[:cut].decode("utf-8", errors="replace").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise cai_data.DataError(f"{path} line {n}: not a JSON row of generate_revisions.py. Fix or remove the "
+                                     "line, or use another output_path.") from None
+        i = row.get("prompt_index") if isinstance(row, dict) else None
         if i not in by_index or by_index[i] != row.get("prompt"):
             raise cai_data.DataError(
                 f"{path} line {n}: prompt_index {i} does not match {args.dataset_name} row {i} (the prompts file "
@@ -308,6 +350,10 @@ def read_done(args: GenerateArguments, prompts: list[tuple[int, str]], settings:
         if i in done:
             raise cai_data.DataError(f"{path} line {n}: prompt_index {i} appears twice; remove one of the lines.")
         done[i] = row
+    if cut < len(data):
+        print(f"{path}: removing an incomplete last line (interrupted write); that prompt will be generated again.")
+        with open(path, "r+b") as f:
+            f.truncate(cut)
     return done
 
 
@@ -499,7 +545,7 @@ def to_row(s: dict, num_rounds: int) -> dict:
 
 
 def summarize(args, settings, prompts, invalid, n_done_before, generated, failures, elapsed, status) -> dict:
-    rows = cai_data._read_json_lines(args.output_path) if os.path.exists(args.output_path) else []
+    rows = cai_data.read_json_lines(args.output_path) if os.path.exists(args.output_path) else []
     flags, examples = {}, {}
     for r in rows:
         for fl in r.get("flags") or []:
@@ -596,6 +642,4 @@ def main(args: GenerateArguments) -> dict:
 
 
 if __name__ == "__main__":
-    parser = make_parser()
-    (generate_args,) = parser.parse_args_and_config()
-    main(generate_args)
+    entry.run(main, make_parser(), rules)

@@ -2,8 +2,8 @@
 
 Printed by `recipes/sft.py --dry_run` for the configured launch; for other launches:
 
-    python recipes/memory.py --config recipes/mistral-7b/sft_full.yaml --num_gpus 8 --zero_stage 3
-    python recipes/memory.py --config recipes/mistral-7b/sft_qlora.yaml --max_length 4096 --per_device_train_batch_size 2
+    python tools/memory_estimate.py --config recipes/mistral-7b/sft_full.yaml --num_gpus 8 --zero_stage 3
+    python tools/memory_estimate.py --config recipes/mistral-7b/sft_qlora.yaml --max_length 4096 --per_device_train_batch_size 2
 
 The formula (docs/BENCHMARKS.md has it with the numbers): per GPU, in bytes,
 
@@ -354,8 +354,11 @@ def launch_setup(training_args, env=None) -> dict:
     out = {"num_gpus": max(1, int(getattr(training_args, "world_size", 1) or 1))}
     ds = training_args.deepspeed or env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if isinstance(ds, str) and os.path.isfile(ds):
-        with open(ds) as f:
-            ds = json.load(f)
+        try:
+            with open(ds, encoding="utf-8") as f:
+                ds = json.load(f)
+        except (OSError, ValueError):  # an unreadable DeepSpeed config is reported by DeepSpeed itself
+            ds = None
     if isinstance(ds, dict):
         z = ds.get("zero_optimization", {})
         out["zero_stage"] = int(z.get("stage", 0))
@@ -366,6 +369,9 @@ def launch_setup(training_args, env=None) -> dict:
         out["offload_optimizer"] = _truthy(env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none"))
         out["offload_params"] = _truthy(env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none"))
     fsdp = training_args.fsdp
+    if fsdp is True:  # transformers >= 5 turns `--fsdp full_shard` into True + fsdp_config
+        reshard = (getattr(training_args, "fsdp_config", None) or {}).get("reshard_after_forward", True)
+        fsdp = "full_shard" if _truthy(reshard) else "shard_grad_op"
     fsdp = " ".join(str(getattr(x, "value", x)) for x in fsdp) if isinstance(fsdp, list) else (fsdp or "")
     if "shard_grad_op" in fsdp:
         out["fsdp"] = "shard_grad_op"
@@ -460,35 +466,6 @@ def print_estimate(training_args, model_args, config=None, **overrides) -> Estim
         return None
     print("\n" + describe(est))
     print(f"  (activation checkpointing {'on' if other.setup.activation_checkpointing else 'off'}: "
-          f"{other.total / GiB:.2f} GiB; other launches: python recipes/memory.py --config <yaml> --num_gpus 8 "
+          f"{other.total / GiB:.2f} GiB; other launches: python tools/memory_estimate.py --config <yaml> --num_gpus 8 "
           f"--zero_stage 3)")  # fmt: skip
     return est
-
-
-def main(argv=None):
-    import argparse
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import sft
-
-    ap = argparse.ArgumentParser(description="Peak GPU memory estimate for a recipe YAML under another launch.")
-    ap.add_argument("--num_gpus", type=int)
-    ap.add_argument("--zero_stage", type=int, choices=[0, 1, 2, 3])
-    ap.add_argument("--fsdp", choices=["full_shard", "shard_grad_op"])
-    ap.add_argument("--offload_optimizer", action="store_true", default=None)
-    ap.add_argument("--offload_params", action="store_true", default=None)
-    ap.add_argument("--mixed_precision", choices=["true", "false"], default="true",
-                    help="bf16/fp16 autocast on the GPUs (default true; the YAML's bf16 is only valid on a GPU)")
-    ap.add_argument("--model_config", help="a model folder, hub id or config class (MistralConfig) to use instead "
-                    "of model_name_or_path's config, e.g. offline")  # fmt: skip
-    ns, rest = ap.parse_known_args(argv)
-    parsed = sft.make_parser().parse_args_and_config(rest)
-    config = load_config(ns.model_config) if ns.model_config else None
-    overrides = {k: v for k, v in vars(ns).items() if v is not None and k != "model_config"}
-    overrides["mixed_precision"] = ns.mixed_precision == "true"
-    return print_estimate(parsed[1], parsed[2], config, **overrides)
-
-
-if __name__ == "__main__":
-    main()

@@ -36,6 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling module
 import cai_data  # noqa: E402
 import chat_format  # noqa: E402
 import checks  # noqa: E402
+import entry  # noqa: E402
+import run_dir  # noqa: E402
 
 
 @dataclass
@@ -67,17 +69,28 @@ class RecipeArguments:
     )
 
 
-def make_parser():
+def make_parser(*more):
     from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, cai_data.CAIDataArguments, RecipeArguments))
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, cai_data.CAIDataArguments, RecipeArguments, *more))
     # SFTConfig turns bf16 on by default, which raises on a machine without bf16; keep it only where it works.
     parser.set_defaults(bf16=checks.bf16_available())
     return parser
 
 
+def output_problems(cfg: dict) -> list[str]:
+    """The output guard on output_dir (a finished model, foreign files, an input folder), before anything loads."""
+    return run_dir.training_output_problems(cfg.get("output_dir"), bool(cfg.get("overwrite_output_dir")),
+                                            bool(cfg.get("dry_run")), checks.input_paths(cfg))
+
+
+def rules(cfg: dict) -> list[str]:
+    """What entry.parse checks on the parsed values: every config rule, then the output guard."""
+    return checks.config_problems(cfg, int(os.environ.get("WORLD_SIZE", "1"))) + output_problems(cfg)
+
+
 def main(script_args, training_args, model_args, data_args, recipe_args):
-    checks.validate(script_args, training_args, model_args, data_args, recipe_args)
+    checks.validate(script_args, training_args, model_args, data_args, recipe_args, also=output_problems)
     if recipe_args.global_batch_size:
         training_args.gradient_accumulation_steps = checks.accumulation_for(
             recipe_args.global_batch_size, training_args.per_device_train_batch_size, training_args.world_size
@@ -107,14 +120,15 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
         train_ds = prepare(train_rows, fmt, training_args.max_length, report, "train")
         eval_ds = prepare(eval_rows, fmt, training_args.max_length, report, "eval")
     say("Data summary:\n" + "\n".join(report.lines()))
+    checks.eval_data_problem(training_args, eval_ds)  # eval_strategy with no eval rows: refused, never turned off
     if is_main:
-        os.makedirs(training_args.output_dir, exist_ok=True)
-        with open(os.path.join(training_args.output_dir, "data_summary.json"), "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
+        run_dir.claim(training_args.output_dir, "sft.py")
+        run_dir.write_text(os.path.join(training_args.output_dir, "data_summary.json"),
+                           json.dumps(report.to_dict(), indent=2))
 
     if recipe_args.dry_run:
         if is_main:
-            checks.write_preview(train_ds, tokenizer, training_args, model_args, report)
+            run_dir.write_preview(train_ds, tokenizer, training_args, model_args, report)
             import memory  # peak GPU memory per GPU from the config alone (docs/BENCHMARKS.md)
 
             memory.print_estimate(training_args, model_args)
@@ -126,7 +140,7 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
     config = trainer.model.generation_config
     known = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
     config.eos_token_id = list(dict.fromkeys([*fmt.stop_token_ids, *(i for i in known if i is not None)]))
-    resume = checks.checkpoint_to_resume(training_args, recipe_args.overwrite_output_dir)
+    resume = run_dir.checkpoint_to_resume(training_args, recipe_args.overwrite_output_dir)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_metrics("train", train_result.metrics)
     if eval_ds is not None:
@@ -214,8 +228,6 @@ def build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, e
         **(training_args.model_init_kwargs or {}),
         "use_safetensors": True,  # never unpickle weights
     }
-    if eval_ds is None:
-        training_args.eval_strategy = "no"
     trainer = SFTTrainer(
         model=model_args.model_name_or_path,
         args=training_args,
@@ -233,7 +245,7 @@ def build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, e
 def save(trainer, training_args, model_args, script_args, data_args, report, fmt):
     """M_SFT: weights or adapter, tokenizer + chat template, generation_config, metrics, model card."""
     out = training_args.output_dir
-    checks.save_model_atomically(trainer, out)
+    run_dir.save_model_atomically(trainer, out)
     trainer.save_state()  # trainer_state.json: the full log history (loss curves) next to the model
     if trainer.accelerator.is_main_process:
         trainer.model.generation_config.save_pretrained(out)
@@ -241,7 +253,7 @@ def save(trainer, training_args, model_args, script_args, data_args, report, fmt
         trainer.create_model_card(model_name=os.path.basename(os.path.abspath(out)), dataset_name=", ".join(dataset))
         with open(os.path.join(out, "README.md"), "a", encoding="utf-8") as f:
             f.write(model_card_section(trainer, model_args, data_args, dataset, report, fmt))
-        checks.mark_complete(out)
+        run_dir.mark_complete(out)
 
 
 def model_card_section(trainer, model_args, data_args, dataset, report, fmt) -> str:
@@ -280,7 +292,4 @@ def model_card_section(trainer, model_args, data_args, dataset, report, fmt) -> 
 
 
 if __name__ == "__main__":
-    try:
-        main(*checks.parse_args(make_parser()))
-    except (cai_data.DataError, chat_format.TemplateError) as e:  # a message naming file, row and fix
-        raise SystemExit(f"Data error: {e}") from None
+    entry.run(main, make_parser(), rules)

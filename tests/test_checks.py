@@ -1,6 +1,6 @@
 """Config validation (one message per problem, naming the key and the fix), the overwrite guard, safe defaults.
 
-Most cases parse in-process with the recipe's own parser (`checks.parse_args(sft.make_parser(), argv)`), which is
+Most cases parse in-process with the recipe's own parser (`entry.parse(sft.make_parser(), argv, sft.rules)`), which is
 what `python recipes/sft.py` runs first; a few run the recipe as users do, in a subprocess.
 """
 
@@ -15,6 +15,8 @@ import yaml
 from conftest import build_tokenizer, run_recipe, tiny_config, toy_cai_rows, write_jsonl
 
 import checks
+import entry
+import run_dir
 import sft
 
 
@@ -26,7 +28,7 @@ def data_file(tmp_path_factory):
 def _parse(cfg: dict, tmp_path, *cli: str):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    return checks.parse_args(sft.make_parser(), ["--config", str(path), *cli])
+    return entry.parse(sft.make_parser(), ["--config", str(path), *cli], sft.rules)
 
 
 def _problems(cfg: dict, tmp_path, *cli: str) -> list[str]:
@@ -54,10 +56,15 @@ def _pickle_only_model(tmp_path):
     return {"model_name_or_path": str(src)}
 
 
+def _folder_without_config(tmp_path):
+    (tmp_path / "empty_model").mkdir()
+    return {"model_name_or_path": str(tmp_path / "empty_model")}
+
+
 def _finished_output_dir(tmp_path):
     out = tmp_path / "finished"
     out.mkdir()
-    checks.mark_complete(str(out))
+    run_dir.mark_complete(str(out))
     return {"output_dir": str(out)}
 
 
@@ -73,7 +80,7 @@ CASES = {
     "int given fraction": ({"max_steps": 2.5}, [], {}, "max_steps", "expected int"),
     "bool given text": ({"use_peft": "maybe"}, [], {}, "use_peft", "expected true/false"),
     "not a choice": ({"lr_scheduler_type": "cosin"}, [], {}, "lr_scheduler_type", "Did you mean `cosine`?"),
-    "bad command-line value": ({}, ["--max_steps", "x"], {}, "max_steps", "invalid int value"),
+    "bad command-line value": ({}, ["--max_steps", "x"], {}, "max_steps", "expected int, got 'x'"),
     "4-bit without LoRA": ({"load_in_4bit": True}, [], {}, "load_in_4bit", "use_peft: true"),
     "8-bit without LoRA": ({"load_in_8bit": True}, [], {}, "load_in_8bit", "use_peft: true"),
     "4-bit and 8-bit": ({"load_in_4bit": True, "load_in_8bit": True, "use_peft": True}, [], {}, "load_in_8bit",
@@ -102,7 +109,7 @@ CASES = {
     "bf16 without support": ({"bf16": True}, [], {}, "bf16", "use_cpu: true"),
     "model folder missing": ({"model_name_or_path": "./models/does-not-exist"}, [], {}, "model_name_or_path",
                              "does not exist"),
-    "model folder without config": (lambda t: {"model_name_or_path": str(t)}, [], {}, "model_name_or_path",
+    "model folder without config": (_folder_without_config, [], {}, "model_name_or_path",
                                     "no config.json"),
     "model with pickle weights only": (_pickle_only_model, [], {}, "model_name_or_path", "safetensors only"),
     "hub model offline": ({"model_name_or_path": "someorg/some-model"}, [], {"HF_HUB_OFFLINE": "1"},
@@ -169,13 +176,19 @@ def test_all_problems_reported_together(tiny_model_dir, data_file, tmp_path, iso
 
 def test_config_with_equals_sign(tmp_path):
     with pytest.raises(checks.ConfigError, match=r"--config: write `--config x.yaml` \(a space, not `=`\)"):
-        checks.parse_args(sft.make_parser(), ["--config=x.yaml"])
+        entry.parse(sft.make_parser(), ["--config=x.yaml"], sft.rules)
 
 
-@pytest.mark.parametrize("flag", ["--overwrite_output_dir", "--dry_run"])
-def test_finished_output_dir_accepted_with_flag(flag, tiny_model_dir, data_file, tmp_path, isolated):
+def test_finished_output_dir_accepted_with_flag(tiny_model_dir, data_file, tmp_path, isolated):
     cfg = {**tiny_config(tiny_model_dir, data_file, tmp_path / "out"), **_finished_output_dir(tmp_path)}
-    checks.validate(*_parse(cfg, tmp_path, flag))  # what main() checks again
+    checks.validate(*_parse(cfg, tmp_path, "--overwrite_output_dir"), also=sft.output_problems)  # main() checks again
+
+
+@pytest.mark.parametrize("flags", [["--dry_run"], ["--dry_run", "--overwrite_output_dir"]])
+def test_dry_run_never_writes_into_a_finished_model(flags, tiny_model_dir, data_file, tmp_path, isolated):
+    cfg = {**tiny_config(tiny_model_dir, data_file, tmp_path / "out"), **_finished_output_dir(tmp_path)}
+    problems = _problems(cfg, tmp_path, *flags)
+    assert len(problems) == 1 and "a dry run never writes into it" in problems[0], problems
 
 
 @pytest.mark.parametrize("case", ["4-bit without LoRA", "LoRA on lm_head", "best model, no eval",
@@ -190,7 +203,7 @@ def test_validate_on_dataclasses_says_the_same(case, tiny_model_dir, data_file, 
     path.write_text(yaml.safe_dump(cfg))
     args = sft.make_parser().parse_args_and_config(["--config", str(path)])  # TRL's parser: no checks of ours
     with pytest.raises(checks.ConfigError) as e:
-        checks.validate(*args)
+        checks.validate(*args, also=sft.output_problems)
     assert any(key in p.split(":")[0] and text in p for p in e.value.problems), e.value.problems
 
 
@@ -239,22 +252,22 @@ def test_planted_tokens_never_written_or_printed(finished_run):
 
 def test_finished_run_is_not_overwritten_silently(finished_run):
     out, weights = finished_run.out, finished_run.out / "model.safetensors"
-    assert checks.is_complete(out) and not (out / checks.FINAL_TMP).exists()
+    assert run_dir.is_complete(out) and not (out / run_dir.FINAL_TMP).exists()
     before = weights.read_bytes()
 
     refused = run_recipe(finished_run.cfg, finished_run.tmp, check=False)
     assert refused.returncode != 0
     assert "output_dir:" in refused.stderr and "--overwrite_output_dir" in refused.stderr, refused.stderr[-2000:]
-    assert weights.read_bytes() == before and checks.is_complete(out)
+    assert weights.read_bytes() == before and run_dir.is_complete(out)
 
     again = run_recipe(finished_run.cfg, finished_run.tmp, "--overwrite_output_dir", "--save_strategy", "no",
                        "--learning_rate", "5e-3")
     assert "--overwrite_output_dir: starting over" in again.stdout
     assert not list(out.glob("checkpoint-*")), "the old run's checkpoints must not be resumed by a relaunch"
-    assert checks.is_complete(out) and weights.read_bytes() != before
-    marker = json.loads((out / checks.COMPLETE_MARKER).read_text())
+    assert run_dir.is_complete(out) and weights.read_bytes() != before
+    marker = json.loads((out / run_dir.COMPLETE_MARKER).read_text())
     assert marker["files"]["model.safetensors"] == weights.stat().st_size
-    assert os.path.getmtime(out / checks.COMPLETE_MARKER) >= max(
+    assert os.path.getmtime(out / run_dir.COMPLETE_MARKER) >= max(
         os.path.getmtime(out / n) for n in marker["files"]
     )
 
@@ -263,7 +276,7 @@ def test_cli_reports_config_problems_before_loading(tiny_model_dir, data_file, t
     cfg = tiny_config(tiny_model_dir, data_file, tmp_path / "out", lerning_rate=1e-4, max_steps="ten",
                       use_peft=True, lora_target_modules=["q_proj", "lm_head"])
     proc = run_recipe(cfg, tmp_path, check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     for text in ("lerning_rate: unknown key", "Did you mean `learning_rate`?", "max_steps: expected int",
                  "lora_target_modules: contains `lm_head`"):
         assert text in proc.stderr, proc.stderr[-3000:]

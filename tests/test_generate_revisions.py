@@ -193,7 +193,9 @@ def test_generated_rows_load_through_sft_data_path(endpoint_run):
 
     script_args = ScriptArguments(dataset_name=str(endpoint_run["output"]))
     train, evals, report = cai_data.load_pairs(script_args, cai_data.CAIDataArguments(exclude_flagged=False))
-    assert not report.dropped and len(train) + len(evals) == len(PROMPTS)
+    # even with flags ignored, the unrevised row (revision == initial answer) is never trained: dropped and counted
+    assert dict(report.dropped) == {"revision identical to init_response": 1}
+    assert len(train) + len(evals) == len(PROMPTS) - 1
     assert train[0]["prompt"][0] == {"role": "system", "content": cai_data.DEFAULT_SYSTEM_PROMPT}
     train, evals, report = cai_data.load_pairs(script_args, cai_data.CAIDataArguments())
     assert dict(report.dropped) == {"flagged by generate_revisions.py": 3}

@@ -213,6 +213,12 @@ def test_launch_setup_reads_deepspeed_fsdp_and_accelerate_env(tmp_path):
     assert memory.launch_setup(SimpleNamespace(world_size=2, deepspeed=None, fsdp="full_shard auto_wrap"), env={}) == {
         "num_gpus": 2, "fsdp": "full_shard"}  # fmt: skip
     assert memory.launch_setup(plain, env={}) == {"num_gpus": 1}
+    # transformers 5: `--fsdp shard_grad_op` arrives as fsdp=True with the strategy in fsdp_config
+    grad_op = SimpleNamespace(world_size=2, deepspeed=None, fsdp=True, fsdp_config={"reshard_after_forward": False})
+    assert memory.launch_setup(grad_op, env={})["fsdp"] == "shard_grad_op"
+    cut = tmp_path / "cut.json"
+    cut.write_text('{"zero_optimization": {"sta')  # unreadable: no estimate of ZeRO, and no traceback
+    assert memory.launch_setup(SimpleNamespace(world_size=1, deepspeed=str(cut), fsdp=None), env={}) == {"num_gpus": 1}
 
 
 def test_dry_run_estimate_from_recipe_args(tiny_model_dir, capsys):

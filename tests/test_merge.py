@@ -1,4 +1,4 @@
-"""recipes/merge.py: the merged model computes what base + adapter computes, and ships tokenizer, chat
+"""tools/merge.py: the merged model computes what base + adapter computes, and ships tokenizer, chat
 template and generation_config so that it chats and stops like the adapter it came from."""
 
 import json
@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, RECIPES, ROOT, build_model_dir
+from conftest import PYTHON, RECIPES, ROOT, TOOLS, build_model_dir
 
 import merge
 
@@ -49,7 +49,7 @@ def logits(model, ids):
 
 
 def run_merge(*args):
-    proc = subprocess.run([PYTHON, str(RECIPES / "merge.py"), *args], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([PYTHON, str(TOOLS / "merge.py"), *args], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -98,6 +98,78 @@ def test_merge_dtype_and_explicit_base(adapter, tmp_path):
 
 
 def test_merge_refuses_a_folder_without_adapter(tmp_path):
-    with pytest.raises(SystemExit, match="no adapter_config.json"):
+    with pytest.raises(SystemExit) as e:
         merge.main(["--adapter", str(tmp_path), "--output", str(tmp_path / "o")])
+    assert e.value.code == 2
     assert not (tmp_path / "o").exists()
+
+
+def _hashes(*folders) -> dict:
+    import hashlib
+
+    return {str(f): hashlib.sha1(f.read_bytes()).hexdigest() for d in folders for f in sorted(Path(d).rglob("*"))
+            if f.is_file()}
+
+
+def _broken_adapter(kind: str, adapter_dir: str, tmp_path) -> str:
+    import shutil
+
+    bad = tmp_path / kind
+    shutil.copytree(adapter_dir, bad)
+    if kind == "no weights":
+        (bad / "adapter_model.safetensors").unlink()
+    elif kind == "cut config":
+        text = (bad / "adapter_config.json").read_text()
+        (bad / "adapter_config.json").write_text(text[: len(text) // 2])
+    elif kind == "cut weights":
+        data = (bad / "adapter_model.safetensors").read_bytes()
+        (bad / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    return str(bad)
+
+
+# adapter damage or base -> text of the message (instead of "Repo id must be in the form", JSONDecodeError, size mismatch)
+INPUT_CASES = {
+    "no weights": "no adapter weights",
+    "cut config": "is not readable JSON",
+    "cut weights": "is truncated",
+    "base of another size": "another model size",
+    "base missing": "does not exist",
+}
+
+
+@pytest.mark.parametrize("case", list(INPUT_CASES))
+def test_merge_checks_both_folders_before_loading(case, adapter, tmp_path):
+    base, adapter_dir = adapter
+    args = ["--adapter", adapter_dir, "--output", str(tmp_path / "out")]
+    if case == "base of another size":
+        args += ["--base", build_model_dir(tmp_path / "bigger", "seed", hidden_size=96, intermediate_size=192)]
+    elif case == "base missing":
+        args += ["--base", str(tmp_path / "nowhere")]
+    else:
+        args[1] = _broken_adapter(case, adapter_dir, tmp_path)
+    proc = subprocess.run([PYTHON, str(TOOLS / "merge.py"), *args], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert INPUT_CASES[case] in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target", ["base", "adapter", "another finished model", "inside the base"])
+def test_merge_never_writes_over_what_it_did_not_write(target, adapter, tmp_path):
+    import shutil
+
+    base, adapter_dir = adapter
+    other = tmp_path / "other-model"
+    shutil.copytree(base, other)
+    out = {"base": base, "adapter": adapter_dir, "another finished model": str(other),
+           "inside the base": str(Path(base) / "merged")}[target]
+    before = _hashes(base, adapter_dir, other)
+    for extra in ([], ["--overwrite_output_dir"]):
+        proc = subprocess.run([PYTHON, str(TOOLS / "merge.py"), "--adapter", adapter_dir, "--output", out, *extra],
+                              capture_output=True, text=True, cwd=ROOT)
+        if target == "another finished model" and extra:
+            assert proc.returncode == 0, proc.stderr[-3000:]  # asked for: replaced, in one rename
+            assert (other / ".cai_owner.json").exists() and not Path(str(other) + ".partial").exists()
+            return
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert "output:" in proc.stderr, proc.stderr[-3000:]
+        assert _hashes(base, adapter_dir, other) == before

@@ -9,7 +9,7 @@ import pytest
 from conftest import cai_row, run_recipe, tiny_config, write_jsonl
 
 import cai_data
-import checks
+import run_dir
 
 
 def script():
@@ -195,7 +195,8 @@ def test_dry_run_mixture_summary(tmp_path, tiny_model_dir):
         ],
     )
     sources = [{"path": a, "fraction": 0.75, "eval_fraction": 0}, {"path": b, "fraction": 0.25, "eval_fraction": 0}]
-    proc = run_recipe(tiny_config(tiny_model_dir, None, tmp_path / "out", datasets=sources), tmp_path, "--dry_run")
+    cfg = tiny_config(tiny_model_dir, None, tmp_path / "out", datasets=sources, eval_strategy="no")  # no eval rows
+    proc = run_recipe(cfg, tmp_path, "--dry_run")
     summary = json.loads((tmp_path / "out" / "data_summary.json").read_text())
     assert summary["sources"][a]["train_rows_in_mixture"] == 30 and summary["sources"][b]["train_rows_in_mixture"] == 10
     assert summary["counts"]["train_examples"] == 40 and summary["counts"]["train_examples_tokenized"] == 40
@@ -222,6 +223,6 @@ def test_train_on_two_source_mixture(tmp_path, tiny_model_dir):
     assert summary["counts"]["train_examples"] == 24 and summary["counts"]["eval_examples"] == 8
     assert summary["dropped"] == {"prompt empty or whitespace": 1}
     assert summary["changed"]["train rows left out by mixture fractions"] == 12
-    assert (out / checks.COMPLETE_MARKER).exists(), proc.stdout[-2000:]
+    assert (out / run_dir.COMPLETE_MARKER).exists(), proc.stdout[-2000:]
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2

@@ -20,7 +20,7 @@ import yaml
 from conftest import PYTHON, RECIPES, ROOT, run_recipe, tiny_config, toy_cai_rows, write_jsonl
 from safetensors.torch import load_file, save_file
 
-import checks
+import run_dir
 
 MAX_STEPS, SAVE_STEPS = 8, 2
 
@@ -56,7 +56,7 @@ def _assert_same_run(resumed, reference):
           f"{got[MAX_STEPS]} vs {ref[MAX_STEPS]}; train_loss {_train_loss(resumed)} vs {_train_loss(reference)}")
     assert diff <= 1e-6
     assert loss_diff <= 1e-6
-    assert checks.is_complete(resumed)
+    assert run_dir.is_complete(resumed)
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +78,13 @@ def test_kill_9_then_relaunch_matches_uninterrupted_run(tiny_model_dir, referenc
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         second = out / f"checkpoint-{2 * SAVE_STEPS}"
-        while proc.poll() is None and checks.checkpoint_problem(str(second)) is not None:
+        while proc.poll() is None and run_dir.checkpoint_problem(str(second)) is not None:
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before the test could kill it"
-    assert not checks.is_complete(out) and not (out / "model.safetensors").exists()
+    assert not run_dir.is_complete(out) and not (out / "model.safetensors").exists()
 
     resumed = run_recipe(cfg, tmp_path)
     assert "Resuming from" in resumed.stdout, resumed.stdout[-2000:]
@@ -141,7 +141,7 @@ BREAKAGES = {
 
 
 def test_complete_fake_checkpoint_passes(tmp_path):
-    assert checks.checkpoint_problem(str(_fake_checkpoint(tmp_path / "checkpoint-4"))) is None
+    assert run_dir.checkpoint_problem(str(_fake_checkpoint(tmp_path / "checkpoint-4"))) is None
 
 
 @pytest.mark.parametrize("breakage", list(BREAKAGES))
@@ -149,7 +149,7 @@ def test_incomplete_checkpoint_detected(tmp_path, breakage):
     ckpt = _fake_checkpoint(tmp_path / "checkpoint-4")
     damage, reason = BREAKAGES[breakage]
     damage(ckpt)
-    problem = checks.checkpoint_problem(str(ckpt))
+    problem = run_dir.checkpoint_problem(str(ckpt))
     assert problem is not None and reason in problem
 
 
@@ -159,13 +159,13 @@ def test_newest_complete_checkpoint_chosen_and_broken_set_aside(tmp_path, capsys
     (tmp_path / "checkpoint-10" / "optimizer.pt").unlink()
     args = types.SimpleNamespace(output_dir=str(tmp_path), process_index=0, resume_from_checkpoint=None,
                                  save_only_model=False)
-    assert checks.checkpoint_to_resume(args) == str(tmp_path / "checkpoint-4")
+    assert run_dir.checkpoint_to_resume(args) == str(tmp_path / "checkpoint-4")
     assert "Skipping" in capsys.readouterr().out and (tmp_path / "incomplete-checkpoint-10").is_dir()
     args.resume_from_checkpoint = str(tmp_path / "checkpoint-2")
-    assert checks.checkpoint_to_resume(args) == str(tmp_path / "checkpoint-2")
+    assert run_dir.checkpoint_to_resume(args) == str(tmp_path / "checkpoint-2")
     _truncate(tmp_path / "checkpoint-2" / "model.safetensors")
     with pytest.raises(SystemExit, match="resume_from_checkpoint: .* is incomplete"):
-        checks.checkpoint_to_resume(args)
+        run_dir.checkpoint_to_resume(args)
 
 
 class _StubTrainer:
@@ -188,17 +188,17 @@ class _StubTrainer:
 def test_crash_while_saving_never_looks_finished(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    checks.mark_complete(str(out))  # a finished run being overwritten
+    run_dir.mark_complete(str(out))  # a finished run being overwritten
     with pytest.raises(RuntimeError):
-        checks.save_model_atomically(_StubTrainer(crash=True), str(out))
-    assert not checks.is_complete(out)
+        run_dir.save_model_atomically(_StubTrainer(crash=True), str(out))
+    assert not run_dir.is_complete(out)
     assert not (out / "model.safetensors").exists()  # the half-written file stays in the temporary folder
-    assert checks.output_dir_problem(str(out), overwrite=False) is None  # a relaunch is not refused
+    assert run_dir.output_dir_problem(str(out), overwrite=False) is None  # a relaunch is not refused
 
-    checks.save_model_atomically(_StubTrainer(), str(out))
-    assert not (out / checks.FINAL_TMP).exists() and (out / "model.safetensors").stat().st_size == 200
-    assert not checks.is_complete(out)  # not until the marker is written, last
-    checks.mark_complete(str(out))
-    marker = json.loads((out / checks.COMPLETE_MARKER).read_text())
-    assert marker["files"]["model.safetensors"] == 200 and checks.is_complete(out)
-    assert "--overwrite_output_dir" in checks.output_dir_problem(str(out), overwrite=False)
+    run_dir.save_model_atomically(_StubTrainer(), str(out))
+    assert not (out / run_dir.FINAL_TMP).exists() and (out / "model.safetensors").stat().st_size == 200
+    assert not run_dir.is_complete(out)  # not until the marker is written, last
+    run_dir.mark_complete(str(out))
+    marker = json.loads((out / run_dir.COMPLETE_MARKER).read_text())
+    assert marker["files"]["model.safetensors"] == 200 and run_dir.is_complete(out)
+    assert "--overwrite_output_dir" in run_dir.output_dir_problem(str(out), overwrite=False)

@@ -7,13 +7,20 @@ bundled data, with Mistral's special tokens at Mistral's ids (<unk>=0, <s>=1, </
 "<s> + text" post-processor, so token counts differ from the real run but the masking logic is the same.
 
 ```bash
-python recipes/make_standin.py --output models/mistral-7b-standin
+python tools/make_standin.py --output models/mistral-7b-standin
 ```
 """
 
-import argparse
-import json
 import os
+import sys
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes"))
+
+import cai_data  # noqa: E402
+import checks  # noqa: E402
+import entry  # noqa: E402
+import run_dir  # noqa: E402
 
 SPECIALS = ["<unk>", "<s>", "</s>"]  # Mistral-7B-v0.1 ids 0, 1, 2
 CORPUS = [
@@ -47,11 +54,9 @@ def mistral_config():
 
 def corpus_lines(data_file: str | None):
     yield from CORPUS * 8
-    if data_file and os.path.isfile(data_file):
-        with open(data_file, encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
-                yield from (str(v) for v in row.values() if isinstance(v, str))
+    if data_file:
+        for row in cai_data.read_local(data_file):
+            yield from (str(v) for v in row.values() if isinstance(v, str))
 
 
 def standin_tokenizer(data_file: str | None, vocab_size: int):
@@ -76,22 +81,44 @@ def standin_tokenizer(data_file: str | None, vocab_size: int):
     )
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--output", default="models/mistral-7b-standin")
-    parser.add_argument("--data_file", default="data/cai_train.jsonl", help="Text to train the stand-in BPE on.")
-    parser.add_argument("--vocab_size", type=int, default=2000)
-    args = parser.parse_args(argv)
+@dataclass
+class StandinArguments:
+    output: str = field(default="models/mistral-7b-standin", metadata={"help": "Folder to write."})
+    data_file: str | None = field(default="data/cai_train.jsonl", metadata={"help": "Text to train the stand-in BPE on."})
+    vocab_size: int = field(default=2000, metadata={"help": "Stand-in vocabulary size (>= 260: bytes + specials)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Write into an --output that holds files."})
 
-    os.makedirs(args.output, exist_ok=True)
-    mistral_config().save_pretrained(args.output)
-    standin_tokenizer(args.data_file, args.vocab_size).save_pretrained(args.output)
-    with open(os.path.join(args.output, "STANDIN.md"), "w", encoding="utf-8") as f:
+
+def problems(cfg: dict) -> list[str]:
+    p = checks.range_problems(cfg)
+    data_file = cfg.get("data_file")
+    if data_file and not os.path.isfile(data_file):
+        p.append(f"data_file: {data_file} does not exist{checks.where(data_file)}. Fix the path (or --data_file '' for "
+                 "the built-in text only).")
+    return p + run_dir.folder_problems("output", cfg.get("output"), "make_standin.py",
+                                       bool(cfg.get("overwrite_output_dir")), {"data_file": data_file})
+
+
+def build(args: StandinArguments) -> str:
+    tmp = args.output.rstrip("/") + ".partial"
+    os.makedirs(tmp, exist_ok=True)
+    mistral_config().save_pretrained(tmp)
+    standin_tokenizer(args.data_file, args.vocab_size).save_pretrained(tmp)
+    with open(os.path.join(tmp, "STANDIN.md"), "w", encoding="utf-8") as f:
         f.write(
             "Stand-in for mistralai/Mistral-7B-v0.1: real config.json, NO weights, a small local BPE tokenizer "
-            "with Mistral's special tokens. For `--dry_run` only. Built by recipes/make_standin.py.\n"
+            "with Mistral's special tokens. For `--dry_run` only. Built by tools/make_standin.py.\n"
         )
+    run_dir.claim(tmp, "make_standin.py")
+    run_dir.replace_folder(tmp, args.output)
     print(f"Wrote {args.output}: Mistral-7B config.json (no weights) + stand-in tokenizer ({args.vocab_size} tokens).")
+    return args.output
+
+
+def main(argv=None):
+    from trl import TrlParser
+
+    return entry.run(build, TrlParser((StandinArguments,)), problems, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,419 @@
+"""Run-directory safety: the output guard, checkpoint completeness, atomic writes, the completion marker.
+
+Output guard (used by every program that writes, before any weights load or work starts):
+- an output equal to an input, or inside one, is always refused (`input_problems`);
+- a folder that holds anything this program did not write (a finished model, a dataset, a base model, any other
+  file) is refused unless `--overwrite_output_dir` (`folder_problems`, `training_output_problems`); a program marks
+  a folder as its own with `claim`, so a relaunch (resume) is not refused;
+- a file output that exists is refused unless the program recognizes it as its own (`file_problems`);
+- a dry run never writes into a finished model's folder.
+Writes go to a temporary path and a rename (`write_text`, `replace_folder`, `save_model_atomically`).
+
+Runs that survive: `checkpoint_to_resume` picks the newest COMPLETE `checkpoint-N` in output_dir (a checkpoint
+cut off mid-write is skipped, renamed `incomplete-checkpoint-N`, never loaded); `save_model_atomically` +
+`mark_complete` write the final model so that a crash while saving never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import time
+import zipfile
+
+import checks
+import env
+
+COMPLETE_MARKER = "cai_sft_complete.json"
+FINAL_TMP = ".cai_sft_final.tmp"
+OWNER = ".cai_owner.json"  # {"program": "sft.py"}: this folder was created by that program (a relaunch may use it)
+CHECKPOINT_RE = re.compile(r"^(incomplete-)?checkpoint-(\d+)(\.\d+)?$")
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "adapter_model.bin", "pytorch_model.bin.index.json")
+# What sft.py writes into output_dir before it writes OWNER (runs of earlier versions of the recipe had no OWNER).
+SFT_OWN = (OWNER, COMPLETE_MARKER, FINAL_TMP, "runs", "data_summary.json", "preview.jsonl")
+OVERWRITE = "--overwrite_output_dir"
+
+
+def _say(*args):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, flush=True)
+
+
+# --------------------------------------------------------------------------------------------- output guard
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.expanduser(str(path)))
+
+
+def same_or_inside(path: str, other: str) -> bool:
+    """Whether `path` is `other` or lies inside the folder `other` (links resolved)."""
+    a, b = _real(path), _real(other)
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
+def input_problems(key: str, output: str, inputs: dict) -> list[str]:
+    """An output equal to an input, or inside one: always refused. `inputs` is {key: path} (hub ids are skipped)."""
+    p = []
+    for in_key, path in inputs.items():
+        if not path or not env.is_local_path(str(path)):
+            continue
+        if same_or_inside(output, path):
+            what = "is" if _real(output) == _real(path) else "is inside"
+            p.append(f"{key}: {output} {what} the input {in_key} ({path}); writing there would destroy it. Choose "
+                     f"another {key}.")
+    return p
+
+
+def owner_of(folder: str) -> str | None:
+    """The program that created `folder` (its OWNER file), or None."""
+    try:
+        with open(os.path.join(folder, OWNER), encoding="utf-8") as f:
+            return json.load(f).get("program")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def claim(folder: str, program: str) -> None:
+    """Create `folder` if needed and mark it as written by `program`, so that a relaunch is not refused."""
+    os.makedirs(folder, exist_ok=True)
+    if owner_of(folder) != program:
+        write_text(os.path.join(folder, OWNER), json.dumps({"program": program}) + "\n")
+
+
+def _parent_problem(key: str, path: str) -> str | None:
+    """A file where a folder above `path` would have to be (checked now, not when the work is done)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        return f"{key}: {parent} is a file, so {path} cannot be created. Choose another {key}."
+    return None
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(sorted(names)[:4])
+    return shown + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def folder_problems(key: str, folder: str, program: str, overwrite: bool, inputs: dict | None = None,
+                    own=()) -> list[str]:
+    """A folder output: not a file, not an input, and holding nothing this program did not write (unless overwrite).
+
+    `own` names entries this program writes (recognized even without its OWNER file)."""
+    if not folder:
+        return []
+    p = input_problems(key, folder, inputs or {})
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return p + [f"{key}: {folder} is a file, but a folder is needed here. Choose another {key}."]
+    if _parent_problem(key, folder):
+        return p + [_parent_problem(key, folder)]
+    if p or overwrite or not os.path.isdir(folder) or owner_of(folder) == program:
+        return p
+    foreign = [n for n in os.listdir(folder) if n not in own and not CHECKPOINT_RE.match(n)
+               and not n.startswith(OWNER)]  # OWNER's temporary file, while another process of this run writes it
+    if foreign:
+        p.append(f"{key}: {folder} already holds files that {program} did not write ({_listing(foreign)}). Choose "
+                 f"a new or empty {key}, or add {OVERWRITE} to write into it anyway.")
+    return p
+
+
+def file_problems(key: str, path: str, overwrite: bool, inputs: dict | None = None, is_own=None,
+                  program: str = "this program") -> list[str]:
+    """A file output: not a folder, not an input, and if it exists, this program's own (`is_own(path)`) or
+    overwrite."""
+    if not path:
+        return []
+    p = input_problems(key, path, inputs or {})
+    if os.path.isdir(path):
+        return p + [f"{key}: {path} is a folder, but a file is needed here. Choose another {key}."]
+    if _parent_problem(key, path):
+        return p + [_parent_problem(key, path)]
+    if p or overwrite or not os.path.exists(path) or (is_own is not None and is_own(path)):
+        return p
+    return [f"{key}: {path} already exists and was not written by {program}. Choose another {key}, or add "
+            f"{OVERWRITE} to replace it."]
+
+
+def training_output_problems(output_dir: str, overwrite: bool, dry_run: bool, inputs: dict | None = None) -> list[str]:
+    """sft.py's output_dir: a finished model is never replaced silently, and never touched by a dry run."""
+    if not output_dir:
+        return []
+    if dry_run and is_complete(output_dir):
+        return [f"output_dir: {output_dir} holds a finished model ({COMPLETE_MARKER}); a dry run never writes into "
+                f"it. Give the dry run another output_dir (e.g. --output_dir {output_dir.rstrip('/')}-dry-run)."]
+    p = folder_problems("output_dir", output_dir, "sft.py", overwrite, inputs, SFT_OWN)
+    problem = None if p else output_dir_problem(output_dir, overwrite)
+    return p + ([problem] if problem else [])
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a whole text file: to a temporary file, then an atomic rename (never a half-written file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def replace_folder(tmp: str, folder: str) -> None:
+    """Move a folder written at `tmp` to `folder`, replacing what is there (the caller checked it may)."""
+    if os.path.isdir(folder):
+        old = folder.rstrip("/") + f".old{os.getpid()}"
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
+
+
+# --------------------------------------------------------------------------------------------- output_dir
+
+
+def is_complete(output_dir: str) -> bool:
+    """Whether output_dir holds a finished run: the marker, written last, parses."""
+    try:
+        with open(os.path.join(output_dir, COMPLETE_MARKER), encoding="utf-8") as f:
+            return bool(json.load(f).get("complete"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _checkpoints(output_dir: str) -> list[str]:
+    """checkpoint-N folders, newest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(2)), n) for n in os.listdir(output_dir)
+             if (m := CHECKPOINT_RE.match(n)) and not m.group(1) and not m.group(3)]
+    return [os.path.join(output_dir, n) for _, n in sorted(found, reverse=True)
+            if os.path.isdir(os.path.join(output_dir, n))]
+
+
+def output_dir_problem(output_dir: str, overwrite: bool) -> str | None:
+    """A new run must not silently replace a finished model (or weights of unknown origin)."""
+    if overwrite or not os.path.isdir(output_dir):
+        return None
+    if is_complete(output_dir):
+        return (f"output_dir: {output_dir} already holds a finished model ({COMPLETE_MARKER}). Pick another "
+                "output_dir, or add --overwrite_output_dir to train again and replace it.")
+    weights = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(output_dir, f))]
+    if weights and not any(checkpoint_problem(c) is None for c in _checkpoints(output_dir)):
+        return (f"output_dir: {output_dir} holds model weights ({', '.join(weights)}) not marked as a finished run of "
+                "this recipe and no checkpoint to resume from. Pick another output_dir, or add "
+                "--overwrite_output_dir to replace them.")
+    return None
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+
+def safetensors_problem(path: str) -> str | None:
+    """None if the file's header parses and its size is exactly header + tensor data, else why not."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{os.path.basename(path)} is truncated ({size} bytes)"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return f"{os.path.basename(path)} is truncated (header of {n} bytes, file of {size})"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"{os.path.basename(path)} has an unreadable header ({type(e).__name__})"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        return f"{os.path.basename(path)} is truncated ({size} bytes, its header says {8 + n + end})"
+    return None
+
+
+def checkpoint_problem(path: str, save_only_model: bool = False) -> str | None:
+    """None if a checkpoint folder is complete enough to resume from, else the reason (never loads it)."""
+    if not os.path.isdir(path):
+        return "not a folder"
+    names = set(os.listdir(path))
+    if "trainer_state.json" not in names:
+        return "trainer_state.json is missing (the Trainer writes it last: the save was cut off)"
+    try:
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+            json.load(f)["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "trainer_state.json is not valid (cut off mid-write)"
+    shards = sorted(n for n in names if n.endswith(".safetensors"))
+    if "model.safetensors.index.json" in names:
+        with contextlib.suppress(OSError, ValueError):
+            with open(os.path.join(path, "model.safetensors.index.json"), encoding="utf-8") as f:
+                wanted = set(json.load(f)["weight_map"].values())
+            if wanted - names:
+                return f"weight shards {sorted(wanted - names)} are missing"
+    sharded_state = any(n.startswith("global_step") or "fsdp" in n for n in names)  # DeepSpeed / FSDP own formats
+    if not shards and not sharded_state:
+        return "no model weights (model.safetensors or adapter_model.safetensors)"
+    for name in shards:
+        problem = safetensors_problem(os.path.join(path, name))
+        if problem:
+            return problem
+    if not save_only_model and not sharded_state:
+        for name in ("optimizer.pt", "scheduler.pt"):
+            if name not in names:
+                return f"{name} is missing"
+    for name in sorted(n for n in names if n.endswith((".pt", ".pth", ".bin"))):
+        if not zipfile.is_zipfile(os.path.join(path, name)):  # torch.save writes a zip; a cut-off one has no index
+            return f"{name} is truncated"
+    return None
+
+
+def _set_aside(path: str) -> str:
+    parent, name = os.path.split(path)
+    target, i = os.path.join(parent, f"incomplete-{name}"), 1
+    while os.path.exists(target):
+        target, i = os.path.join(parent, f"incomplete-{name}.{i}"), i + 1
+    os.replace(path, target)
+    return target
+
+
+def _barrier():
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+def checkpoint_to_resume(training_args, overwrite_output_dir: bool = False):
+    """The checkpoint to resume from: `resume_from_checkpoint` if given (and complete), else the newest complete
+    `checkpoint-N` in output_dir, else None (a fresh run). Incomplete ones are reported and set aside.
+
+    transformers' `get_last_checkpoint` returns the newest folder even when it was cut off mid-write; we check.
+    """
+    out, main = training_args.output_dir, training_args.process_index == 0
+    save_only = bool(getattr(training_args, "save_only_model", False))
+    given = training_args.resume_from_checkpoint
+    if given and str(given).lower() not in env.TRUE:
+        problem = checkpoint_problem(given, save_only)
+        if problem:
+            raise checks.ConfigError([f"resume_from_checkpoint: {given} is incomplete ({problem}). Point it at an earlier "
+                               "checkpoint, or leave it out to pick the newest complete one."])
+        _say(f"Resuming from {given} (resume_from_checkpoint).")
+        return given
+    if is_complete(out):
+        if not overwrite_output_dir:
+            raise checks.ConfigError([output_dir_problem(out, False)])
+        # Start over: the finished model is no longer marked complete, and the old run's checkpoints must not be
+        # resumed by a relaunch of this one.
+        old = _checkpoints(out)
+        _barrier()
+        if main:
+            os.remove(os.path.join(out, COMPLETE_MARKER))
+            for c in old:
+                shutil.rmtree(c)
+            _say(f"--overwrite_output_dir: starting over in {out}; removed {COMPLETE_MARKER} and {len(old)} old "
+                 "checkpoint(s).")
+        _barrier()
+        return None
+    chosen, broken = None, []
+    for c in _checkpoints(out):
+        problem = checkpoint_problem(c, save_only)
+        if problem is None:
+            chosen = c
+            break
+        broken.append((c, problem))
+    _barrier()  # every process has decided before the main one renames anything
+    for c, problem in broken:
+        if main:
+            _say(f"Skipping {c}: {problem}. Set aside as {_set_aside(c)}; it will not be loaded.")
+    _barrier()
+    if chosen:
+        _say(f"Resuming from {chosen} (the newest complete checkpoint in {out}).")
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------- final save
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_model_atomically(trainer, output_dir: str) -> None:
+    """trainer.save_model into a temporary folder, then each file moved into output_dir with an atomic rename.
+
+    The Trainer writes straight into output_dir; a crash there leaves a half-written model.safetensors. Here
+    every file in output_dir is whole, and `mark_complete` (called last) is what says the set is finished.
+    """
+    tmp = os.path.join(output_dir, FINAL_TMP)
+    main = trainer.accelerator.is_main_process
+    if main:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(output_dir, COMPLETE_MARKER))
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(tmp)  # every process: DeepSpeed/FSDP gather the weights collectively
+    trainer.accelerator.wait_for_everyone()
+    if main:
+        for root, _, files in os.walk(tmp):
+            target_dir = os.path.join(output_dir, os.path.relpath(root, tmp))
+            os.makedirs(target_dir, exist_ok=True)
+            for name in files:
+                _fsync(os.path.join(root, name))
+                os.replace(os.path.join(root, name), os.path.join(target_dir, name))
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+
+
+def mark_complete(output_dir: str) -> None:
+    """Write the completion marker last, after every file of the model is on disk."""
+    files = {}
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path) and name != COMPLETE_MARKER:
+            _fsync(path)
+            files[name] = os.path.getsize(path)
+    tmp = os.path.join(output_dir, COMPLETE_MARKER + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"complete": True, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(output_dir, COMPLETE_MARKER))
+
+
+# --------------------------------------------------------------------------------------------- dry-run preview
+
+
+def _render_labels(tokenizer, ids, labels, color: bool) -> str:
+    """Decode an example with the trained tokens highlighted (green in a terminal, [[...]] otherwise)."""
+    out, run, trained = [], [], None
+    for t, lab in zip(ids, labels):
+        is_trained = lab != -100
+        if trained is not None and is_trained != trained:
+            out.append((trained, tokenizer.decode(run)))
+            run = []
+        run.append(t)
+        trained = is_trained
+    if run:
+        out.append((trained, tokenizer.decode(run)))
+    if color:
+        return "".join(f"\033[1;32m{s}\033[0m" if tr else f"\033[2m{s}\033[0m" for tr, s in out)
+    return "".join(f"[[{s}]]" if tr else s for tr, s in out)
+
+
+def write_preview(train_ds, tokenizer, training_args, model_args, report) -> str:
+    """preview.jsonl: one {"input_ids", "labels"} per training example, exactly as the collator receives them."""
+    path = os.path.join(training_args.output_dir, "preview.jsonl")
+    write_text(path, "".join(json.dumps({"input_ids": ex["input_ids"], "labels": ex["labels"], "source": ex["source"],
+                                         "row": ex["row"]}) + "\n" for ex in train_ds))
+    first = train_ds[0]
+    print("\nFirst training example (trained tokens highlighted):")
+    print(_render_labels(tokenizer, first["input_ids"], first["labels"], sys.stdout.isatty()))
+    print(f"\nDry run: wrote {len(train_ds)} examples to {path}; no weights were loaded.")
+    return path
