@@ -247,6 +247,7 @@ copied from an existing dataset.
 | `helpful_train.jsonl` | {{N_HELP_TRAIN}} | benign prompts with good answers, to keep the model helpful |
 | `helpful_test.jsonl` | {{N_HELP_TEST}} | benign prompts (test split) |
 | `redteam_prompts.jsonl` | {{N_REDTEAM}} | held-out prompts `{prompt, area}` for the critique-and-revise generation demo |
+| `jailbreaks.json` | 4 + 3 | jailbreak wrappers (role-play, ignore-previous-instructions, DAN-style): `train` ones for `jailbreak_fraction`, disjoint `eval` ones for `recipes/evaluate.py`; hand-written, not generated |
 | `build_dataset.py` | | deterministic generator (stdlib only) that writes all of the above |
 | `src/` | | hand-written sources: `rt_<area>.py` red-team scenarios, `helpful_*.py` Q&A pairs |
 

@@ -316,15 +316,19 @@ def repeated(text: str, n: int = REPEAT_N, times: int = REPEAT_TIMES) -> bool:
 # --------------------------------------------------------------------------------------------- scoring
 
 
-def response_logprobs(model, rows: list[dict], pad_id: int, batch_size: int = 8, desc: str = "scoring"):
-    """(sum of log p, number of tokens) over the trained tokens (labels != -100) of each row, in input order."""
+def response_logprobs(model, rows: list[dict], pad_id: int, batch_size: int = 8, desc: str = "scoring", bar=None):
+    """(sum of log p, number of tokens) over the trained tokens (labels != -100) of each row, in input order.
+    With `bar` (a tqdm bar shared by several calls), that bar counts the batches instead of one of its own."""
     import torch
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))  # less padding per batch
     out = [None] * len(rows)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not rows):
+    starts = range(0, len(order), batch_size)
+    for start in starts if bar is not None else tqdm(starts, desc=desc, unit="batch", disable=not rows):
+        if bar is not None:
+            bar.update(1)
         idx = order[start : start + batch_size]
         width = max(len(rows[i]["input_ids"]) for i in idx)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
@@ -363,7 +367,12 @@ def preference_metrics(revised: list[tuple[float, int]], initial: list[tuple[flo
     }
 
 
-def score_model(model, tok, scored: dict, args) -> dict:
+def score_batches(scored: dict, batch_size: int) -> int:
+    """How many forward passes score_model makes for `scored`, for one progress bar over all of them."""
+    return sum(math.ceil(len(rows) / batch_size) for rows in scored.values())
+
+
+def score_model(model, tok, scored: dict, args, bar=None) -> dict:
     """NLL/perplexity per set and the preference metrics, flat; the jailbreak-wrapped set with prefix `jailbreak_`."""
     metrics = {}
     bs = args.batch_size
@@ -373,17 +382,18 @@ def score_model(model, tok, scored: dict, args) -> dict:
     ):
         if not scored.get(rev_key):
             continue
-        rev = response_logprobs(model, scored[rev_key], tok.pad_token_id, bs, f"scoring {label} revisions")
+        rev = response_logprobs(model, scored[rev_key], tok.pad_token_id, bs, f"scoring {label} revisions", bar)
         metrics.update({f"{nll_name}_{k}": v for k, v in nll_metrics(rev).items()})
         if scored.get(init_key):
             by_row = {r["row"]: s for r, s in zip(scored[rev_key], rev)}
-            init = response_logprobs(model, scored[init_key], tok.pad_token_id, bs, f"scoring {label} initial answers")
+            init = response_logprobs(model, scored[init_key], tok.pad_token_id, bs, f"scoring {label} initial answers",
+                                     bar)
             pairs = [(by_row[r["row"]], s) for r, s in zip(scored[init_key], init) if r["row"] in by_row]
             if pairs:
                 pref = preference_metrics([p[0] for p in pairs], [p[1] for p in pairs])
                 metrics.update({f"{pref_name}_{k}": v for k, v in pref.items()})
     if scored.get("benign"):
-        ben = response_logprobs(model, scored["benign"], tok.pad_token_id, bs, "scoring benign completions")
+        ben = response_logprobs(model, scored["benign"], tok.pad_token_id, bs, "scoring benign completions", bar)
         metrics.update({f"benign_{k}": v for k, v in nll_metrics(ben).items()})
     return metrics
 
@@ -695,6 +705,7 @@ def generation_settings(model) -> dict:
 
 
 def main(args: EvalArguments) -> dict:
+    from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
     resolved = check_args(args)
@@ -746,8 +757,10 @@ def main(args: EvalArguments) -> dict:
             model.generation_config = GenerationConfig.from_pretrained(args.sft_model)
         settings[name] = generation_settings(model)
         print(f"{name}: {base_path if name == 'M_base' else args.sft_model} on {device}; generation {settings[name]}")
-        for cond in args.conditions:
-            metrics[cond][name] = score_model(model, tok, scored[cond], args)
+        total = sum(score_batches(scored[c], args.batch_size) for c in args.conditions)
+        with tqdm(total=total, desc=f"{name}: scoring", unit="batch", disable=not total) as bar:  # one bar per phase
+            for cond in args.conditions:
+                metrics[cond][name] = score_model(model, tok, scored[cond], args, bar)
         answers = generation.generate_answers(model, tok, [it["prompt"] for it in items], args.max_new_tokens,
                                               args.batch_size, progress=True) if items else []  # fmt: skip
         for it, a in zip(items, answers):

@@ -13,11 +13,13 @@ import os
 import re
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A name with a data or weight file ending is a (possibly moved) local file, not a hub id.
+FILE_ENDING = re.compile(r"\.(jsonl|json|parquet|csv|tsv|txt|arrow|safetensors|bin|gguf)$", re.I)
 
 
 def hub_id(path: str) -> bool:
     """A hub id ("org/name") that is not a local path."""
-    return not os.path.exists(path) and bool(HUB_ID.match(path))
+    return not os.path.exists(path) and bool(HUB_ID.match(path)) and not FILE_ENDING.search(path)
 
 
 def ref(path: str, kind: str = "") -> str:
