@@ -41,7 +41,7 @@ def build(trainer, recipe_args, eval_rows) -> list:
         )
     cbs.append(Curves())
     # transformers' ProgressCallback opens a second, nested bar at every evaluation: keep the training bar only.
-    if trainer.pop_callback(ProgressCallback) is not None:
+    if trainer is not None and trainer.pop_callback(ProgressCallback) is not None:
         cbs.append(TrainingBarOnly())
     return cbs
 
