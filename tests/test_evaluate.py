@@ -325,6 +325,9 @@ def test_lora_adapter_with_judge_end_to_end(tmp_path, tiny_model_dir):
     run_recipe(tiny_config(tiny_model_dir, train, adapter, max_steps=2, eval_strategy="no", use_peft=True,
                            lora_target_modules=["q_proj", "v_proj"]), tmp_path)  # fmt: skip
     assert (adapter / "adapter_config.json").exists()
+    # a deployment setting saved with M_SFT only: evaluate.py must generate M_SFT's answers with it
+    gen_cfg = json.loads((adapter / "generation_config.json").read_text())
+    (adapter / "generation_config.json").write_text(json.dumps({**gen_cfg, "no_repeat_ngram_size": 3}))
     test = write_jsonl(tmp_path / "cai_test.jsonl", _rows_with_areas())
     benign = write_jsonl(tmp_path / "benign.jsonl", _benign_rows())
     secret = "sk-test-NEVER-WRITE-ME-8c1f"
@@ -364,7 +367,8 @@ def test_lora_adapter_with_judge_end_to_end(tmp_path, tiny_model_dir):
     assert all(g[n]["judge"]["harmless"] is True for g in report["generations"] for n in evaluate.MODELS)
     # the adapter's own generation_config.json (written by sft.py) is the one M_SFT generated with
     saved = json.loads((adapter / "generation_config.json").read_text())["eos_token_id"]
-    assert report["settings"]["generation"]["M_SFT"]["eos_token_id"] == saved
+    assert report["settings"]["generation"]["M_SFT"] == {"eos_token_id": saved, "no_repeat_ngram_size": 3}
+    assert "no_repeat_ngram_size" not in report["settings"]["generation"]["M_base"]
     md = (adapter / "eval_report.md").read_text()
     assert "judge: benign over-refusal rate" in md and "LoRA adapter on M_base" in md
     assert "judge: jailbreak compliance rate" in md and "judge: jailbreak compliance, eval_roleplay_grandma" in md
