@@ -91,9 +91,14 @@ class EvalArguments:
         default=None, metadata={"help": "Score a seeded sample of this many rows per set (NLL, preference)."}
     )
     max_generations: int | None = field(
-        default=None, metadata={"help": "Generate for at most this many prompts per set (red-team, benign)."}
+        default=None,
+        metadata={"help": "Answer at most this many prompts per set (red-team, the same wrapped, benign) and "
+                  "condition; null: every row."},
     )
-    max_new_tokens: int = field(default=256, metadata={"help": "Length of the generated answers (greedy)."})
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "Length of the generated answers (greedy); an answer that reaches it did not "
+                               "stop cleanly."}
+    )
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass / generate call."})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, cuda:1, ..."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on a GPU that has it, else float32), or a dtype."})
