@@ -250,6 +250,13 @@ def wrapped_pairs(pairs: list[dict], templates: list[dict]) -> list[dict]:
             for k, p in enumerate(pairs)]  # fmt: skip
 
 
+def wrapped_sets(pairs: list[dict], raw: list[dict], templates: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(revision pairs, initial-answer pairs) with the prompts wrapped; a row's initial answer is wrapped in the same
+    template as its revision, also when other rows have no init_response (those were counted by initial_pairs)."""
+    wrapped = wrapped_pairs(pairs, templates)
+    return wrapped, initial_pairs(wrapped, raw, cai_data.DataReport())
+
+
 def tokenize(pairs: list[dict], tok, args: EvalArguments, report, split: str):
     from trl import SFTConfig
 
@@ -736,9 +743,10 @@ def main(args: EvalArguments) -> dict:
             initial = initial_pairs(pairs, test[1], rep)
             sc["cai_initial"] = tokenize(initial, tok, args, rep, "cai_initial") if initial else []
             if templates:
-                sc["jailbreak_revision"] = tokenize(wrapped_pairs(pairs, templates), tok, args, rep, "jailbreak_revision")
-                sc["jailbreak_initial"] = (tokenize(wrapped_pairs(initial, templates), tok, args, rep,
-                                                    "jailbreak_initial") if initial else [])  # fmt: skip
+                wrapped, wrapped_initial = wrapped_sets(pairs, test[1], templates)
+                sc["jailbreak_revision"] = tokenize(wrapped, tok, args, rep, "jailbreak_revision")
+                sc["jailbreak_initial"] = (tokenize(wrapped_initial, tok, args, rep, "jailbreak_initial")
+                                           if wrapped_initial else [])  # fmt: skip
         if benign:
             sc["benign"] = tokenize(_sample(benign[0], args.max_examples, args.seed), tok, args, rep, "benign")
         if k == 0:

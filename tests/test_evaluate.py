@@ -185,6 +185,20 @@ def test_rates_from_hand_made_answers():
     assert keys[0] == "answers_clean_stop_rate" and "cai_test_nll" not in keys
 
 
+def test_wrapped_initial_answers_share_their_revision_template(tmp_path):
+    rows = _rows_with_areas(4)
+    rows[0]["init_response"] = ""  # no initial answer: no preference pair for row 0
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    args = evaluate.EvalArguments(sft_model="x", test_file=path)
+    pairs, raw = evaluate.load_set(path, "test", args, cai_data.DataReport(), "cai_test", SYSTEM)
+    templates = [{"id": f"t{k}", "family": "f", "template": f"T{k}: {{prompt}}"} for k in range(3)]
+    rev, init = evaluate.wrapped_sets(pairs, raw, templates)
+    assert [p["prompt"][-1]["content"][:3] for p in rev] == ["T0:", "T1:", "T2:", "T0:"]
+    assert [(p["row"], p["prompt"]) for p in init] == [(p["row"], p["prompt"]) for p in rev[1:]]
+    assert [p["completion"][0]["content"] for p in init] == [r["init_response"] for r in rows[1:]]
+    assert [p["prompt"][0] for p in rev] == [{"role": "system", "content": SYSTEM}] * 4
+
+
 def test_full_model_needs_base_model():
     args = evaluate.EvalArguments(sft_model=str(Path(__file__).parent), test_file="x.jsonl")
     with pytest.raises(SystemExit, match="base_model: not set"):
