@@ -321,6 +321,7 @@ def generation_prompts(args, test, benign, report, templates: list[dict] | None 
 def repeated(text: str, n: int = REPEAT_N, times: int = REPEAT_TIMES) -> bool:
     """True when some run of `n` words (case and punctuation ignored) occurs `times` times or more in `text`."""
     words = re.findall(r"[\w']+", text.lower())
+    # Counted here: transformers' no_repeat_ngram_size can prevent repeats while generating, but does not measure them.
     counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     return any(c >= times for c in counts.values())
 
