@@ -93,8 +93,9 @@ def card(out: str, args, model_args, data_args, dataset: list[str], report) -> s
         "",
         *quick_start(out, base, is_adapter, data_args.system_prompt),
         "",
-        "Generation stops at the end-of-turn token saved in `generation_config.json`. Compare M_base and M_SFT with "
-        "`python recipes/evaluate.py --config recipes/smollm2-135m/eval_demo.yaml --sft_model " + out + "`.",
+        "Generation stops at the end-of-turn token saved in `generation_config.json`. Compare M_base and M_SFT "
+        f"(docs/EVALUATION.md): `python recipes/evaluate.py --sft_model {out} --base_model {base} "
+        "--test_file data/cai_test.jsonl --benign_file data/helpful_test.jsonl`.",
         "",
         "## Constitutional AI SFT",
         "",

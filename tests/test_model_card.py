@@ -55,3 +55,9 @@ def test_hub_ids_are_linked_local_paths_are_not(tmp_path):
     assert '"role": "system"' not in text  # system_prompt null: none in the quick start
     assert model_card.hub_id("moved/helpful_train.jsonl") is False  # a file name, not org/name, even when absent
     assert model_card.hub_id(str(tmp_path)) is False
+
+
+def test_card_says_how_to_evaluate_this_model():
+    text = model_card.card("out/x", _args("out/x"), _model_args("models/b", True), cai_data.CAIDataArguments(),
+                           ["data/cai_train.jsonl"], _report())  # fmt: skip
+    assert "`python recipes/evaluate.py --sft_model out/x --base_model models/b --test_file data/cai_test.jsonl" in text
