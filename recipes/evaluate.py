@@ -776,7 +776,8 @@ def main(args: EvalArguments) -> dict:
             for cond in args.conditions:
                 metrics[cond][name] = score_model(model, tok, scored[cond], args, bar)
         answers = generation.generate_answers(model, tok, [it["prompt"] for it in items], args.max_new_tokens,
-                                              args.batch_size, progress=True) if items else []  # fmt: skip
+                                              args.batch_size, progress=True, desc=f"{name}: generating"
+                                              ) if items else []  # fmt: skip
         for it, a in zip(items, answers):
             it[name] = {"answer": a["answer"], "stopped_cleanly": a["stopped_cleanly"], "repeated": repeated(a["answer"])}
         for cond in args.conditions:

@@ -38,7 +38,7 @@ def generate_local(model, tokenizer, conversations: list[list[dict]], max_new_to
 
 def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 128,
                      batch_size: int = 8, do_sample: bool = False, temperature: float = 1.0,
-                     progress: bool = False) -> list[dict]:
+                     progress: bool = False, desc: str = "generating") -> list[dict]:
     """Like generate_local, each answer as {"answer", "stopped_cleanly", "new_tokens"}.
 
     Stop tokens are the tokenizer's EOS plus the model's generation_config `eos_token_id` list; the rest of that
@@ -58,7 +58,7 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="generating", unit="batch")
+        batches = tqdm(batches, desc=desc, unit="batch")
     try:
         for start in batches:
             # The chat template already holds BOS/special tokens: do not add them twice.
