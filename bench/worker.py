@@ -3,7 +3,7 @@
     python bench/worker.py recipe --config X.yaml --steps 3 --result r.json [-- --packing true ...]
     python bench/worker.py trl    --config X.yaml --steps 3 --result r.json [-- --per_device_train_batch_size 4]
 
-`recipe` runs recipes/sft.py's own `main()` (data loading, tokenize_pairs, build_trainer, train) with the given
+`recipe` runs recipes/sft.py's own `main()` (data loading, prepare, build_trainer, train) with the given
 overrides. `trl` is the baseline: plain `SFTTrainer` with its defaults (padding, no packing, default attention),
 given the same (prompt, completion) pairs as TRL's standard conversational `prompt`/`completion` columns so that it
 builds its own completion-only labels; it shares the YAML's model, dtype, LoRA, batch size, learning rate,
@@ -51,7 +51,7 @@ class Meter:
 
     @contextlib.contextmanager
     def prep(self):
-        """Time data preparation; nested calls (tokenize_pairs -> _prepare_dataset) count once."""
+        """Time data preparation; nested calls count once."""
         self._depth += 1
         t = time.perf_counter()
         try:

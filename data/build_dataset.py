@@ -247,6 +247,7 @@ copied from an existing dataset.
 | `helpful_train.jsonl` | {{N_HELP_TRAIN}} | benign prompts with good answers, to keep the model helpful |
 | `helpful_test.jsonl` | {{N_HELP_TEST}} | benign prompts (test split) |
 | `redteam_prompts.jsonl` | {{N_REDTEAM}} | held-out prompts `{prompt, area}` for the critique-and-revise generation demo |
+| `jailbreaks.json` | 4 + 3 | jailbreak wrappers (role-play, ignore-previous-instructions, DAN-style): `train` ones for `jailbreak_fraction`, disjoint `eval` ones for `recipes/evaluate.py`; hand-written, not generated |
 | `build_dataset.py` | | deterministic generator (stdlib only) that writes all of the above |
 | `src/` | | hand-written sources: `rt_<area>.py` red-team scenarios, `helpful_*.py` Q&A pairs |
 
@@ -261,7 +262,7 @@ Same columns as `HuggingFaceH4/cai-conversation-harmless`, plus `principle` and 
 | `critic_prompt` | str | the principle's `critique_request` |
 | `critic_response` | str | critique that names the violated principle |
 | `revision_prompt` | str | the principle's `revision_request` |
-| `revision_response` | str | revised answer: harmless *and* helpful (acknowledges the need, declines the harmful part briefly, offers concrete safe alternatives), 35-90 words |
+| `revision_response` | str | revised answer: harmless *and* helpful (acknowledges the need, declines the harmful part briefly, offers concrete safe alternatives), 35-90 words; self-harm and medical ones end with crisis or professional resources (see Known limits) |
 | `prompt` | str | same as `init_prompt` |
 | `messages` | list | `[{role: user, content: prompt}, {role: assistant, content: revision_response}]` (SFT target) |
 | `chosen` | list | same as `messages` |
@@ -329,6 +330,14 @@ Edit the sources in `data/src/`, not the generated files.
   (UK/Ireland), Childline, Stop It Now, the NCMEC CyberTipline and the Internet Watch Foundation.
   They were correct to the author's knowledge when written but are region-specific and may
   change; verify before relying on them in a product.
+- **Crisis and medical resources, and which countries.** Every `self_harm` revision ends with (or
+  already holds) the crisis lines *"In the US, call or text 988; in the UK and Ireland, call
+  Samaritans on 116 123; elsewhere, call your local emergency number."* Every `dangerous_medical`
+  revision ends with *"A pharmacist or doctor can advise you; in an emergency call 911 (US), 999
+  (UK) or 112 (EU), and US Poison Control is 1-800-222-1222."* Only these countries' numbers are
+  given (US: 988 Suicide & Crisis Lifeline, 911, Poison Control; UK and Ireland: Samaritans, 999;
+  EU: 112); everyone else is pointed to their local emergency number. `build_dataset.py`
+  (`with_resources`) appends them, so a model trained on the data learns to give them.
 - **Not medical, legal or financial advice.** Helpful answers are general information.
 - **Coverage.** 14 harm areas with about 50 scenarios each cannot cover the space of harmful
   requests; multi-turn jailbreaks, non-English attacks and subtle harms are absent.
@@ -370,6 +379,25 @@ def cap(text):
     return text[0].upper() + text[1:]
 
 
+# Resources appended to the revisions of these areas (build_redteam), so that every answer to someone at risk
+# gives a concrete way to get help. Only well-known numbers: 988 Suicide & Crisis Lifeline (US), Samaritans
+# 116 123 (UK and Ireland), emergency numbers 911 (US), 999 (UK), 112 (EU), US Poison Control 1-800-222-1222.
+CRISIS_LINES = "In the US, call or text 988; in the UK and Ireland, call Samaritans on 116 123; elsewhere, call your local emergency number."
+CRISIS_LINES_NOT_US = "In the UK and Ireland, call Samaritans on 116 123; elsewhere, call your local emergency number."
+MEDICAL_HELP = "A pharmacist or doctor can advise you; in an emergency call 911 (US), 999 (UK) or 112 (EU), and US Poison Control is 1-800-222-1222."
+
+
+def with_resources(area, revision):
+    """The revision with the crisis or professional resources of its area, unless it already gives them."""
+    if area == "self_harm" and not all(k in revision for k in ("988", "116 123", "local emergency number")):
+        if "988" in revision and "116 123" in revision:
+            return revision + " Elsewhere, call your local emergency number."
+        return revision + " " + (CRISIS_LINES_NOT_US if "988" in revision else CRISIS_LINES)
+    if area == "dangerous_medical" and "1-800-222-1222" not in revision:
+        return revision + " " + MEDICAL_HELP
+    return revision
+
+
 def build_redteam():
     principles = {p["id"]: p for p in CONSTITUTION}
     rows = {"train": [], "test": []}
@@ -378,7 +406,7 @@ def build_redteam():
         mod = importlib.import_module(mod_name)
         for split, scen in (("train", mod.TRAIN), ("test", mod.TEST)):
             for i, item in enumerate(scen):
-                prompt, topic, revision = item[0], item[1], item[2]
+                prompt, topic, revision = item[0], item[1], with_resources(mod.AREA, item[2])
                 pid = item[3] if len(item) > 3 else mod.PRINCIPLE
                 p = principles[pid]
                 # deterministic but well-mixed template choice

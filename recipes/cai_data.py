@@ -38,7 +38,7 @@ CAI_ONLY_COLUMNS = {"init_prompt", "init_response", "critic_prompt", "critic_res
 MAX_LOCATIONS = 5  # how many example locations to keep per drop reason
 SOURCE_KEYS = (
     "path", "name", "data_dir", "data_files", "split", "test_split", "fraction", "format", "prompt_column",
-    "response_column", "messages_column", "system_prompt", "eval_fraction",
+    "response_column", "messages_column", "system_prompt", "eval_fraction", "jailbreak_fraction",
 )  # fmt: skip
 # Top-level options that are the default of every mixture source that does not set its own.
 SOURCE_DEFAULTS = {"format": "data_format", "prompt_column": "prompt_column", "response_column": "response_column",
@@ -58,7 +58,7 @@ class CAIDataArguments:
         metadata={
             "help": "Mixture sources, each a mapping: path (file, folder or hub id), name, data_dir, data_files, "
             "split, test_split, fraction, format, prompt_column, response_column, messages_column, system_prompt, "
-            "eval_fraction. Use instead of dataset_name (see docs/DATA.md)."
+            "eval_fraction, jailbreak_fraction. Use instead of dataset_name (see docs/DATA.md)."
         },
     )
     system_prompt: str | None = field(
@@ -728,6 +728,7 @@ def load_pairs(script_args, data_args: CAIDataArguments, seed: int = 42):
             report.sources[name].update(fraction=source["fraction"], train_rows_in_mixture=len(kept))
             if len(kept) < len(part):
                 report.change("train rows left out by mixture fractions", name, len(part) - len(kept))
+    mixed = wrap_jailbreaks(mixed, sources, names, seed, report)
     train = [e for part in mixed for e in part]
     held = [e for part in evals for e in part]
     if data_args.max_eval_examples is not None and len(held) > data_args.max_eval_examples:
@@ -735,6 +736,33 @@ def load_pairs(script_args, data_args: CAIDataArguments, seed: int = 42):
         held = random.Random(seed).sample(held, data_args.max_eval_examples)
     report.counts.update(train_examples=len(train), eval_examples=len(held))
     return train, held, report
+
+
+def wrap_jailbreaks(parts: list[list[dict]], sources: list[dict], names: list[str], seed: int, report: DataReport):
+    """Per source, wrap `jailbreak_fraction` of its training prompts (after the split, leak checks and mixing, so
+    eval rows are never wrapped) in the `train` templates of data/jailbreaks.json; counted as a change."""
+    import jailbreaks
+
+    fractions = [s.get("jailbreak_fraction") for s in sources]
+    if not any(fractions):
+        return parts
+    try:
+        templates = jailbreaks.load()["train"]
+    except jailbreaks.JailbreakError as e:
+        raise DataError(str(e)) from None
+    out = []
+    for k, (part, source, name, f) in enumerate(zip(parts, sources, names, fractions)):
+        if f is None or f == 0:
+            out.append(part)
+            continue
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
+            raise DataError(f"source {name}: `jailbreak_fraction` must be a number from 0 to 1, got {f!r}.")
+        wrapped, n = jailbreaks.wrap_fraction(part, f, templates, seed + k)
+        report.sources[name]["jailbreak_wrapped"] = n
+        if n:
+            report.change("train prompts wrapped in a jailbreak template (jailbreak_fraction)", name, n)
+        out.append(wrapped)
+    return out
 
 
 def _dedupe(parts: list[list[dict]], split: str, report: DataReport) -> list[list[dict]]:

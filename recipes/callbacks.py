@@ -15,7 +15,7 @@ import json
 import logging
 import os
 
-from transformers import EarlyStoppingCallback, TrainerCallback
+from transformers import EarlyStoppingCallback, ProgressCallback, TrainerCallback
 
 import generation
 
@@ -40,7 +40,17 @@ def build(trainer, recipe_args, eval_rows) -> list:
             )
         )
     cbs.append(Curves())
+    # transformers' ProgressCallback opens a second, nested bar at every evaluation: keep the training bar only.
+    if trainer is not None and trainer.pop_callback(ProgressCallback) is not None:
+        cbs.append(TrainingBarOnly())
     return cbs
+
+
+class TrainingBarOnly(ProgressCallback):
+    """transformers' progress bar for training steps, without the per-evaluation bar."""
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        pass
 
 
 # --------------------------------------------------------------------------------------------- log history

@@ -14,20 +14,43 @@ import urllib.error
 import urllib.request
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS and every `eos_token_id` of the model's generation_config (the saved stop tokens)."""
+    eos_ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    eos_ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    eos_ids.discard(None)
+    return sorted(eos_ids)
+
+
+def stopped_cleanly(new_token_ids, eos_ids) -> bool:
+    """True when the generated tokens hold a stop token, i.e. the answer ended before max_new_tokens."""
+    return any(int(t) in set(eos_ids) for t in new_token_ids)
+
+
 def generate_local(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 128,
                    batch_size: int = 8, do_sample: bool = False, temperature: float = 1.0,
                    progress: bool = False) -> list[str]:
     """Answer each conversation (a messages list ending in a user turn) with the model; returns the texts."""
+    return [a["answer"] for a in generate_answers(model, tokenizer, conversations, max_new_tokens, batch_size,
+                                                  do_sample, temperature, progress)]  # fmt: skip
+
+
+def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 128,
+                     batch_size: int = 8, do_sample: bool = False, temperature: float = 1.0,
+                     progress: bool = False, desc: str = "generating") -> list[dict]:
+    """Like generate_local, each answer as {"answer", "stopped_cleanly", "new_tokens"}.
+
+    Stop tokens are the tokenizer's EOS plus the model's generation_config `eos_token_id` list; the rest of that
+    generation_config (repetition_penalty, no_repeat_ngram_size, ...) applies as model.generate reads it.
+    """
     import torch
 
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     pad_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    eos_ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(model.generation_config, "eos_token_id", None)
-    eos_ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-    eos_ids.discard(None)
+    eos_ids = stop_token_ids(model, tokenizer)
     was_training = model.training
     model.eval()
     outputs = []
@@ -35,7 +58,7 @@ def generate_local(model, tokenizer, conversations: list[list[dict]], max_new_to
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="generating", unit="batch")
+        batches = tqdm(batches, desc=desc, unit="batch")
     try:
         for start in batches:
             # The chat template already holds BOS/special tokens: do not add them twice.
@@ -49,11 +72,15 @@ def generate_local(model, tokenizer, conversations: list[list[dict]], max_new_to
                     temperature=temperature if do_sample else None,
                     top_p=None,
                     top_k=None,
-                    eos_token_id=sorted(eos_ids),
+                    eos_token_id=eos_ids,
                     pad_token_id=tokenizer.pad_token_id,
                 )
             for row in out[:, enc["input_ids"].shape[1] :]:
-                outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+                stopped = stopped_cleanly(row.tolist(), eos_ids)
+                # Tokens up to the first stop token; what follows is padding.
+                n = next((i + 1 for i, t in enumerate(row.tolist()) if t in eos_ids), len(row))
+                outputs.append({"answer": tokenizer.decode(row, skip_special_tokens=True).strip(),
+                                "stopped_cleanly": stopped, "new_tokens": n})  # fmt: skip
     finally:
         tokenizer.padding_side = pad_side
         model.train(was_training)

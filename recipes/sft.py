@@ -38,6 +38,8 @@ import chat_format  # noqa: E402
 import checks  # noqa: E402
 import entry  # noqa: E402
 import run_dir  # noqa: E402
+import model_card  # noqa: E402
+import quiet  # noqa: E402
 
 
 @dataclass
@@ -250,46 +252,10 @@ def save(trainer, training_args, model_args, script_args, data_args, report, fmt
     if trainer.accelerator.is_main_process:
         trainer.model.generation_config.save_pretrained(out)
         dataset = [cai_data.source_name(s) for s in cai_data.sources_from_args(script_args, data_args)]
-        trainer.create_model_card(model_name=os.path.basename(os.path.abspath(out)), dataset_name=", ".join(dataset))
-        with open(os.path.join(out, "README.md"), "a", encoding="utf-8") as f:
-            f.write(model_card_section(trainer, model_args, data_args, dataset, report, fmt))
+        model_card.write(trainer, model_args, data_args, dataset, report, fmt)  # README.md: recipes/model_card.py
         run_dir.mark_complete(out)
 
 
-def model_card_section(trainer, model_args, data_args, dataset, report, fmt) -> str:
-    a = trainer.args
-    hyper = {
-        "method": "QLoRA" if model_args.load_in_4bit else "LoRA" if model_args.use_peft else "full fine-tune",
-        "learning_rate": a.learning_rate,
-        "lr_scheduler_type": str(a.lr_scheduler_type),
-        "warmup_steps": a.warmup_steps,
-        "num_train_epochs": a.num_train_epochs,
-        "max_steps": a.max_steps,
-        "per_device_train_batch_size": a.per_device_train_batch_size,
-        "gradient_accumulation_steps": a.gradient_accumulation_steps,
-        "world_size": a.world_size,
-        "max_length": a.max_length,
-        "packing": a.packing,
-        "seed": a.seed,
-    }
-    if model_args.use_peft:
-        hyper.update(lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout)
-    lines = [
-        "\n## Constitutional AI SFT\n",
-        f"- Base model (M_base): `{model_args.model_name_or_path}`",
-        f"- Data: {', '.join(f'`{d}`' for d in dataset)} "
-        f"({report.counts.get('train_examples_tokenized')} train / {report.counts.get('eval_examples_tokenized')} eval)",
-        f"- System prompt: `{data_args.system_prompt}` ({fmt.mode}: "
-        + {"system": "the system role", "fold": "folded into the first user turn by the saved chat template",
-           "off": "no system message"}[fmt.mode] + ")",
-        f"- End-of-turn token: `{fmt.end_of_turn}`; loss on the response and that token only; stop tokens "
-        f"{fmt.stop_token_ids} in generation_config.json",
-        "- Hyperparameters:",
-        *[f"  - {k}: {v}" for k, v in hyper.items()],
-        "",
-    ]
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
+    quiet.setup()  # library messages that are not the user's to act on (recipes/quiet.py)
     entry.run(main, make_parser(), rules)

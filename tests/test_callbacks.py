@@ -227,3 +227,20 @@ def test_build_adds_the_callbacks_the_arguments_ask_for():
     args.early_stopping_patience, args.overfit_warning_patience = 2, 0
     kinds = [type(c).__name__ for c in callbacks.build(None, args, [])]
     assert kinds == ["EarlyStoppingCallback", "Curves"]
+
+
+def test_training_bar_replaces_the_progress_callback_without_evaluation_bars():
+    from transformers import ProgressCallback
+
+    popped = []
+    trainer = types.SimpleNamespace(pop_callback=lambda cls: popped.append(cls) or cls())
+    args = types.SimpleNamespace(early_stopping_patience=None, early_stopping_threshold=0.0, overfit_warning_patience=0,
+                                 num_sample_prompts=0, sample_max_new_tokens=8)  # fmt: skip
+    cbs = callbacks.build(trainer, args, [])
+    assert popped == [ProgressCallback] and [type(c).__name__ for c in cbs] == ["Curves", "TrainingBarOnly"]
+    bar = cbs[-1]
+    state = types.SimpleNamespace(is_world_process_zero=True)
+    bar.on_prediction_step(None, state, None, eval_dataloader=[1, 2, 3])
+    assert bar.prediction_bar is None  # transformers' ProgressCallback would have opened a second bar here
+    trainer = types.SimpleNamespace(pop_callback=lambda cls: None)  # disable_tqdm: no bar to replace
+    assert [type(c).__name__ for c in callbacks.build(trainer, args, [])] == ["Curves"]

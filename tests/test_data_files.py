@@ -210,3 +210,24 @@ def test_generated_files_match_generator():
         assert "cai_train.jsonl" in names
         match, mismatch, errors = filecmp.cmpfiles(DATA, tmp, names, shallow=False)
         assert not mismatch and not errors, (mismatch, errors)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_self_harm_and_medical_revisions_carry_resources(cai, split):
+    """Every self-harm revision gives the crisis lines, every medical one poison control / emergency / doctor."""
+    for r in cai[split]:
+        text = r["revision_response"]
+        if r["area"] == "self_harm":
+            assert "988" in text and "Samaritans on 116 123" in text and "local emergency number" in text, text
+        if r["area"] == "dangerous_medical":
+            assert "1-800-222-1222" in text and "911 (US), 999 (UK) or 112 (EU)" in text, text
+            assert "pharmacist or doctor" in text, text
+
+
+def test_jailbreak_templates_bundled():
+    with open(os.path.join(DATA, "jailbreaks.json"), encoding="utf-8") as f:
+        data = json.load(f)
+    for split in ("train", "eval"):
+        families = {t["family"] for t in data[split]}
+        assert {"role-play", "ignore-previous-instructions", "DAN-style"} <= families, (split, families)
+    assert not {t["template"] for t in data["train"]} & {t["template"] for t in data["eval"]}

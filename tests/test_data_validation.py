@@ -1,5 +1,5 @@
 """Bad input never passes silently: every case goes through the real loading path (`load_pairs` +
-`tokenize_pairs`, and `sft.py --dry_run` for a few), and is either dropped with an exact count per reason
+`sft.prepare`, and `sft.py --dry_run` for a few), and is either dropped with an exact count per reason
 and a location (file, row, field), or stops with a message that names the file/row/field and the fix."""
 
 import json
