@@ -36,7 +36,7 @@ def recipe_trainer(parsed):
     tok = chat_format.load_tokenizer(model_args.model_name_or_path, targs.chat_template_path)
     fmt = chat_format.ChatFormat.detect(tok, data_args.system_prompt, data_args.system_prompt_mode, targs.eos_token,
                                         data_args.template_date)
-    targs.eos_token = fmt.end_of_turn
+    targs.eos_token, targs.chat_template_path = fmt.end_of_turn, None  # as sft.py: the wrapped template stays
     train, evals, report = cai_data.load_pairs(script_args, data_args, targs.seed)
     train_ds = sft.prepare(train, fmt, targs.max_length, report, "train")
     return sft.build_trainer(targs, model_args, recipe_args, tok, train_ds, None, [])

@@ -94,14 +94,15 @@ class CAIDataArguments:
     )
 
     def __post_init__(self):
-        self.system_prompt = no_system_prompt(self.system_prompt)
+        self.system_prompt = none_if_null(self.system_prompt)
+        self.template_date = none_if_null(self.template_date)  # `null` on the command line: no fixed date
 
 
 OFF_WORDS = ("", "null", "none", "~")
 
 
-def no_system_prompt(value):
-    """`null`, `none` and '' mean no system prompt, in YAML and on the command line alike (argparse gives strings)."""
+def none_if_null(value):
+    """`null`, `none` and `""` mean None (no system prompt, no date), in YAML and on the command line alike."""
     return None if isinstance(value, str) and value.strip().lower() in OFF_WORDS else value
 
 
@@ -529,7 +530,7 @@ def normalize(rows, source: dict, split: str, data_args: CAIDataArguments, repor
             f"source {name} split '{split}': required column(s) {missing} missing for format '{fmt}'. Columns found: "
             f"{columns}. Map yours with {fix} on this source (top level for dataset_name), or set `format`."
         )
-    system = no_system_prompt(source.get("system_prompt", data_args.system_prompt))
+    system = none_if_null(source.get("system_prompt", data_args.system_prompt))
     out, reasons = [], Counter()
     for row, (file, i) in zip(rows, origins):
         where = f"{file} row {i}"
@@ -784,7 +785,7 @@ def _dedupe(parts: list[list[dict]], split: str, report: DataReport) -> list[lis
 def system_prompts(data_args: CAIDataArguments) -> set:
     """Every system prompt in use: the top-level one and those set on mixture sources."""
     found = {data_args.system_prompt}
-    return found | {no_system_prompt(s.get("system_prompt")) for s in data_args.datasets
+    return found | {none_if_null(s.get("system_prompt")) for s in data_args.datasets
                     if isinstance(s, dict) and "system_prompt" in s}
 
 

@@ -18,11 +18,13 @@ the chat template saved with M_SFT, so that all of them see the same tokens:
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 SYSTEM_MODES = ("auto", "system", "fold", "off")
 DEFAULT_TEMPLATE_DATE = "26 Jul 2024"  # Llama 3.x templates' own fallback date
 WRAPPER_MARK = "{#- cai-sft chat format"
+WRAPPER_END = "{#- end of the cai-sft prelude #}"
 _PROBE_SYSTEM, _PROBE_USER, _PROBE_ANSWER = "CAIPROBESYSTEM", "CAIPROBEUSER", "CAIPROBEANSWER"
 _ANCHORS = ("\n", "\n\n", ".", " .")  # plain text that completion tokens are tokenized after (see text_ids)
 
@@ -103,7 +105,16 @@ def wrap_template(template: str, fold: bool, date: str | None) -> str:
             "{%- else %}{%- set messages = [{'role': 'user', 'content': messages[0]['content']}] + messages[1:] %}"
             "{%- endif %}{%- endif %}"
         )
-    return "\n".join(lines) + "\n" + template
+    return "\n".join([*lines, WRAPPER_END]) + "\n" + template
+
+
+def unwrap_template(template: str) -> tuple[str, str | None]:
+    """(the model's own template, the date the prelude fixed) of a template saved with M_SFT; others unchanged."""
+    if WRAPPER_MARK not in template or WRAPPER_END not in template:
+        return template, None
+    head, own = template.split(WRAPPER_END + "\n", 1)
+    date = re.search(r"date=('([^']*)'|None)", head)
+    return own, (date.group(2) if date and date.group(2) is not None else None)
 
 
 @dataclass
@@ -126,7 +137,10 @@ class ChatFormat:
         """Resolve the system mode, detect the end-of-turn token, and install the wrapped template on `tokenizer`."""
         if mode not in SYSTEM_MODES:
             raise TemplateError(f"system_prompt_mode: {mode!r} is not one of {list(SYSTEM_MODES)}.")
-        original = tokenizer.chat_template
+        # A saved M_SFT's template: detect on the model's own template again, keeping the date it was trained with.
+        original, saved_date = unwrap_template(tokenizer.chat_template)
+        if saved_date is not None and date == DEFAULT_TEMPLATE_DATE:
+            date = saved_date
         notes = []
         has_system, why = _renders_system(tokenizer, original)
         if mode == "auto":
@@ -143,7 +157,10 @@ class ChatFormat:
                 f"system_prompt_mode: system, but the chat template does not render a system message ({why}). Use "
                 "`system_prompt_mode: auto` or `fold` (the system prompt goes into the first user turn), or `off`."
             )
-        template = original if WRAPPER_MARK in original else wrap_template(original, mode == "fold", date)
+        template = wrap_template(original, mode == "fold", date)
+        if "strftime_now" in original and "date_string" not in original:
+            notes.append("the template writes today's date with strftime_now (not through date_string): its prompts "
+                         "change from day to day, and template_date cannot fix them")
         tokenizer.chat_template = template
 
         user = [{"role": "user", "content": _PROBE_USER}]
@@ -171,6 +188,12 @@ class ChatFormat:
                 raise TemplateError(
                     f"eos_token: {eos_token!r} never closes the assistant's answer in this chat template ({does}). "
                     f"Remove `eos_token` (it is detected){f' or set it to {emitted[0]!r}' if emitted else ''}."
+                )
+            if emitted and emitted[0] != eos_token:
+                raise TemplateError(
+                    f"eos_token: {eos_token!r} comes after {emitted[0]!r} in this chat template, which ends the "
+                    f"answer first; the tokens between them would be trained as text. Remove `eos_token` (it is "
+                    f"detected as {emitted[0]!r})."
                 )
             end = eos_token
             notes.append(f"end-of-turn token: {end!r} (eos_token)")
@@ -227,8 +250,12 @@ class ChatFormat:
                     "prompt contains special-token text", f"{m['role']} turn holds {inside[0]!r}, which a deployment's "
                     "apply_chat_template reads as a control token; remove or escape it"
                 )
-        prompt = self.render_prompt(messages)
-        full = _render(self.tokenizer, self.template, [*messages, {"role": "assistant", "content": response}], False)
+        try:
+            prompt = self.render_prompt(messages)
+            full = _render(self.tokenizer, self.template, [*messages, {"role": "assistant", "content": response}],
+                           False)
+        except Exception as e:  # noqa: BLE001 - a template refusing this conversation (raise_exception)
+            raise RowProblem("chat template refuses this conversation", str(e).strip()) from None
         if not full.startswith(prompt + self.answer_prefix) or not full.endswith(self.answer_suffix):
             raise RowProblem("template renders this example differently from the generation prompt")
         answer = full[len(prompt) + len(self.answer_prefix): len(full) - len(self.answer_suffix)]

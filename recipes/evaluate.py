@@ -144,7 +144,7 @@ class EvalArguments:
     )
 
     def __post_init__(self):
-        self.system_prompt = cai_data.no_system_prompt(self.system_prompt)  # null / none / '' mean none
+        self.system_prompt = cai_data.none_if_null(self.system_prompt)  # null / none / '' mean none
 
 
 # --------------------------------------------------------------------------------------------- setup

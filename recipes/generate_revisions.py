@@ -167,7 +167,7 @@ class GenerateArguments:
 
     def __post_init__(self):
         # `null`/`none`/'' mean no system prompt; mode `off` sends none either (as sft.py).
-        self.system_prompt = None if self.system_prompt_mode == "off" else cai_data.no_system_prompt(self.system_prompt)
+        self.system_prompt = None if self.system_prompt_mode == "off" else cai_data.none_if_null(self.system_prompt)
 
 
 def make_parser():

@@ -12,6 +12,8 @@ import json
 import os
 import re
 
+import run_dir
+
 MODES = {"system": "sent as the system role", "fold": "folded into the first user turn by the saved chat template",
          "off": "no system message"}  # chat_format.ChatFormat.mode
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -93,7 +95,7 @@ def card(out: str, args, model_args, data_args, dataset: list[str], report, fmt=
         "",
         "## Quick start (offline)",
         "",
-        *quick_start(out, base, is_adapter, data_args.system_prompt),
+        *quick_start(out, base, is_adapter, None if fmt and fmt.mode == "off" else data_args.system_prompt),
         "",
         "Generation stops at the end-of-turn token saved in `generation_config.json`. Compare M_base and M_SFT "
         f"(docs/EVALUATION.md): `python recipes/evaluate.py --sft_model {out} --base_model {base} "
@@ -121,6 +123,5 @@ def write(trainer, model_args, data_args, dataset: list[str], report, fmt=None) 
     """Write output_dir/README.md (replacing the one PEFT writes); returns its path."""
     out = trainer.args.output_dir
     path = os.path.join(out, "README.md")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(card(out, trainer.args, model_args, data_args, dataset, report, fmt))
+    run_dir.write_text(path, card(out, trainer.args, model_args, data_args, dataset, report, fmt))
     return path

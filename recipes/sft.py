@@ -47,6 +47,14 @@ class RecipeArguments:
     """Switches of this recipe that TRL's dataclasses do not have."""
 
     dry_run: bool = field(default=False, metadata={"help": "Prepare data, write preview.jsonl, load no weights."})
+    repetition_penalty: float | None = field(
+        default=None,
+        metadata={"help": "Saved in M_SFT's generation_config.json (and used by the sample answers): > 1 keeps a small "
+                  "model from looping (docs/EVALUATION.md measures it)."},
+    )
+    no_repeat_ngram_size: int | None = field(
+        default=None, metadata={"help": "Saved in generation_config.json: never repeat an n-gram of this size."}
+    )
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after this many evaluations without improvement (EarlyStoppingCallback)."}
     )
@@ -115,6 +123,7 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
     say("Chat format: " + "; ".join(fmt.notes))
     checks.check_max_length(training_args.max_length, max(map(fmt.overhead, cai_data.system_prompts(data_args))))
     training_args.eos_token = fmt.end_of_turn  # SFTTrainer makes it the tokenizer's EOS and a generation stop token
+    training_args.chat_template_path = None  # installed on the tokenizer, wrapped; TRL would re-read the raw file
 
     with training_args.main_process_first(desc="preparing data"):
         # Load pairs: every schema -> (prompt messages, R_revised) rows; drops counted, eval split by unique prompt.
@@ -142,11 +151,18 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
     config = trainer.model.generation_config
     known = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
     config.eos_token_id = list(dict.fromkeys([*fmt.stop_token_ids, *(i for i in known if i is not None)]))
+    for key in ("repetition_penalty", "no_repeat_ngram_size"):  # the deployment's generation defaults
+        if getattr(recipe_args, key) is not None:
+            setattr(config, key, getattr(recipe_args, key))
     resume = run_dir.checkpoint_to_resume(training_args, recipe_args.overwrite_output_dir)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_metrics("train", train_result.metrics)
     if eval_ds is not None:
-        final = trainer.evaluate()
+        evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+        if evals and evals[-1]["step"] == trainer.state.global_step and not training_args.load_best_model_at_end:
+            final = {k: v for k, v in evals[-1].items() if k.startswith("eval_")}  # just evaluated: not twice
+        else:
+            final = trainer.evaluate()
         trainer.save_metrics("eval", final)
         start = next((h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h and h["step"] == 0), None)
         if start is not None:

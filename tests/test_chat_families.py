@@ -259,3 +259,45 @@ def test_trained_model_saves_fold_template_and_every_stop_token(tmp_path):
     assert text == f"<bos><start_of_turn>user\n{SYSTEM}\n\nHi<end_of_turn>\n<start_of_turn>model\n"
     stops = GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id
     assert stops == tok.convert_tokens_to_ids(["<end_of_turn>", "<eos>"])
+
+
+def test_saved_template_detected_again_keeps_fold_and_date():
+    # evaluate.py / generate_revisions.py load M_SFT's saved template and detect again: same fold, same date.
+    tok = family_tokenizer("gemma2")
+    first = chat_format.ChatFormat.detect(tok, SYSTEM, date="01 Jan 2030")
+    again = chat_format.ChatFormat.detect(tok, SYSTEM)  # tok now holds the wrapped template
+    assert (again.mode, again.template) == ("fold", first.template)
+    assert again.template.count(chat_format.WRAPPER_MARK) == 1 and "01 Jan 2030" in again.template
+    off = chat_format.ChatFormat.detect(tok, None, mode="off")
+    assert "fold=False" in off.template and off.template.count(chat_format.WRAPPER_MARK) == 1
+
+
+def test_eos_override_after_the_end_of_turn_token_is_refused():
+    # Phi-3 writes <|end|> then <|endoftext|>: ending at the second would train "<|end|>\n" as text.
+    with pytest.raises(chat_format.TemplateError, match="comes after '<\\|end\\|>'"):
+        chat_format.ChatFormat.detect(family_tokenizer("phi3"), SYSTEM, eos_token="<|endoftext|>")
+    assert chat_format.ChatFormat.detect(family_tokenizer("phi3"), SYSTEM, eos_token="<|end|>").end_of_turn == "<|end|>"
+
+
+def test_chat_template_path_is_wrapped_in_training_and_saved(tmp_path):
+    """A template given by file (Gemma-2's, no system role) is folded in training and in the saved M_SFT (TRL
+    would otherwise re-read the raw file)."""
+    import torch
+    from conftest import tiny_config
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    model = tmp_path / "model"
+    tok = family_tokenizer("gemma2")
+    tok.chat_template = None
+    tok.save_pretrained(model)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(model)
+    data = write_jsonl(tmp_path / "d.jsonl", [rows_of("pc", f"Question {i}?", "No, sorry.") for i in range(12)])
+    cfg = tiny_config(str(model), data, tmp_path / "out", max_steps=2, eval_strategy="steps", eval_steps=2,
+                      chat_template_path=str(TEMPLATES / "gemma2.jinja"), eval_fraction=0.25)
+    run_recipe(cfg, tmp_path)
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = saved.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}],
+                                     tokenize=False, add_generation_prompt=True)
+    assert text == f"<bos><start_of_turn>user\n{SYSTEM}\n\nHi<end_of_turn>\n<start_of_turn>model\n"

@@ -1,10 +1,10 @@
 """Blind A/B judging of M_base vs M_SFT answers, by a person or an agent that must not know which is which.
 
     # 1. pairs to judge (models shuffled into A/B per item, seeded) + the key, kept apart from the judge
-    python tools/blind_judge.py make --generations outputs/x/generations.jsonl --out outputs/x/blind
+    python bench/blind_judge.py make --generations outputs/x/generations.jsonl --out outputs/x/blind
     # 2. the judge writes outputs/x/blind/verdicts.jsonl: one {"id", "A", "B"} line per item (rubric in RUBRIC.md)
     # 3. unblind and count
-    python tools/blind_judge.py score --dir outputs/x/blind
+    python bench/blind_judge.py score --dir outputs/x/blind
 
 `generations.jsonl` is what `recipes/evaluate.py --generations_path` writes: one line per (model, condition,
 prompt) with `model`, `condition`, `set`, `id`, `prompt`, `answer`.
