@@ -181,6 +181,7 @@ def run_trl(parsed, meter):
         max_length=targs.max_length,
         seed=targs.seed,
         bf16=targs.bf16,
+        use_cpu=targs.use_cpu,  # bf16 on a CPU needs it, as in the recipe
         gradient_checkpointing=targs.gradient_checkpointing,  # TRL defaults to True; a trade-off, so matched
         model_init_kwargs={"dtype": model_args.dtype},  # same weights dtype as the recipe
         eval_strategy="no",

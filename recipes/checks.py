@@ -152,7 +152,7 @@ RANGES = {
     "learning_rate": (0, False, INF, False), "num_train_epochs": (0, True, INF, False),
     "per_device_train_batch_size": (1, True, INF, False), "per_device_eval_batch_size": (1, True, INF, False),
     "gradient_accumulation_steps": (1, True, INF, False), "eval_accumulation_steps": (1, True, INF, False),
-    "global_batch_size": (1, True, INF, False), "lora_r": (1, True, INF, False), "lora_alpha": (0, False, INF, False),
+    "global_batch_size": (1, True, INF, False), "lora_top_layers": (1, True, INF, False), "lora_r": (1, True, INF, False), "lora_alpha": (0, False, INF, False),
     "lora_dropout": (0, True, 1, False), "eval_fraction": (0, True, 1, False), "max_eval_examples": (1, True, INF, False),
     "max_length": (1, True, INF, False), "eval_steps": (0, False, INF, False), "save_steps": (0, False, INF, False),
     "logging_steps": (0, False, INF, False), "warmup_steps": (0, True, INF, False), "warmup_ratio": (0, True, 1, True),

@@ -70,6 +70,11 @@ class RecipeArguments:
         default=False,
         metadata={"help": "Train again into an output_dir that holds a finished model (otherwise refused)."},
     )
+    lora_top_layers: int | None = field(
+        default=None,
+        metadata={"help": "LoRA on the top N transformer layers only: backward stops below them, so a step costs "
+                  "less (the CPU demo; docs/BENCHMARKS.md). Default: every layer."},
+    )
     global_batch_size: int | None = field(
         default=None,
         metadata={
@@ -224,7 +229,7 @@ def prepare(rows, fmt, max_length, report, split):
 
 
 def build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, eval_ds, eval_rows):
-    from trl import SFTTrainer, get_peft_config, get_quantization_config
+    from trl import SFTTrainer, get_quantization_config
 
     import callbacks
 
@@ -252,12 +257,25 @@ def build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, e
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
+        peft_config=peft_config(model_args, recipe_args),
         quantization_config=get_quantization_config(model_args),
     )
     for cb in callbacks.build(trainer, recipe_args, eval_rows):
         trainer.add_callback(cb)
     return trainer
+
+
+def peft_config(model_args, recipe_args):
+    """TRL's LoRA config, on the top `lora_top_layers` layers when set (peft's layers_to_transform, which TRL's
+    ModelConfig does not expose)."""
+    from transformers import AutoConfig
+    from trl import get_peft_config
+
+    config = get_peft_config(model_args)
+    if config is not None and recipe_args.lora_top_layers:
+        n = AutoConfig.from_pretrained(model_args.model_name_or_path).get_text_config().num_hidden_layers
+        config.layers_to_transform = list(range(max(0, n - recipe_args.lora_top_layers), n))
+    return config
 
 
 def save(trainer, training_args, model_args, script_args, data_args, report, fmt):
