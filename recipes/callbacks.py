@@ -154,7 +154,8 @@ def _zero3_or_fsdp(trainer) -> bool:
 class SampleGenerations(TrainerCallback):
     """Greedy answers of the model being trained to fixed held-out prompts, at every evaluation.
 
-    Answers generated after training (sft.py's final evaluate, i.e. the saved M_SFT) carry "final": true.
+    Answers generated after training (sft.py evaluates again when the last evaluation was not at the last step, or
+    with load_best_model_at_end: the saved M_SFT) carry "final": true.
     """
 
     def __init__(self, trainer, rows: list[dict], max_new_tokens: int, batch_size: int = 8):

@@ -56,8 +56,9 @@ def test_curves_metrics_and_samples_written(tmp_path, tiny_model_dir):
     assert len(at[2]) == 3 and at[2] == at[4]  # the same fixed prompts at every evaluation
     assert {s["source"] for s in during} == {cai, benign}  # a mix of red-team and benign prompts
     assert all(isinstance(s["answer"], str) for s in samples)
-    # sft.py evaluates once more after training: the answers of the saved M_SFT are marked final
-    assert [s["prompt"] for s in samples if s.get("final")] == at[4]
+    # the last evaluation was at the last step: sft.py does not evaluate (and answer) again; step 4 is M_SFT's
+    assert [s for s in samples if s.get("final")] == []
+    assert json.loads((out / "eval_results.json").read_text())["eval_loss"] == logged[-2]["eval_loss"]
     assert (out / "adapter_config.json").exists()  # the samples came from the PEFT-wrapped model
 
 
