@@ -164,11 +164,20 @@ def write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def fresh_sibling(folder: str, tag: str = "partial") -> str:
+    """A new, empty folder next to `folder` to write into before `replace_folder`: never an existing one."""
+    import tempfile
+
+    parent, name = os.path.split(os.path.abspath(folder.rstrip("/")))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{name}.{tag}-", dir=parent)
+
+
 def replace_folder(tmp: str, folder: str) -> None:
     """Move a folder written at `tmp` to `folder`, replacing what is there (the caller checked it may)."""
     if os.path.isdir(folder):
-        old = folder.rstrip("/") + f".old{os.getpid()}"
-        os.replace(folder, old)
+        old = fresh_sibling(folder, "old")
+        os.replace(folder, old)  # onto the new empty folder
         os.replace(tmp, folder)
         shutil.rmtree(old)
     else:

@@ -168,8 +168,21 @@ def test_merge_never_writes_over_what_it_did_not_write(target, adapter, tmp_path
                               capture_output=True, text=True, cwd=ROOT)
         if target == "another finished model" and extra:
             assert proc.returncode == 0, proc.stderr[-3000:]  # asked for: replaced, in one rename
-            assert (other / ".cai_owner.json").exists() and not Path(str(other) + ".partial").exists()
+            assert (other / ".cai_owner.json").exists()
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["other-model"]  # no temporary folder left
             return
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert "output:" in proc.stderr, proc.stderr[-3000:]
         assert _hashes(base, adapter_dir, other) == before
+
+
+def test_merge_writes_beside_the_output_without_touching_existing_files(adapter, tmp_path):
+    # A file named like a temporary folder (`<output>.partial`) belongs to the user: never written into or renamed.
+    _, adapter_dir = adapter
+    user_file = tmp_path / "merged.partial"
+    user_file.write_text("mine")
+    proc = subprocess.run([PYTHON, str(TOOLS / "merge.py"), "--adapter", adapter_dir, "--output",
+                           str(tmp_path / "merged")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert user_file.read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "merged.partial"]

@@ -65,7 +65,7 @@ def main(output: str, gguf_dir: str | None = None, gguf_file: str = GGUF_FILE, o
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     model.generation_config = gguf_model.generation_config
-    tmp = output.rstrip("/") + ".partial"
+    tmp = run_dir.fresh_sibling(output)  # a new folder: never a file that was there before
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     run_dir.claim(tmp, "convert_gguf.py")

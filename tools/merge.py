@@ -13,7 +13,7 @@ in bfloat16); no GPU.
 
 Before anything loads, both folders are checked (adapter_config.json readable, adapter weights present and whole,
 the base's weight shapes match the adapter's) and so is `--output`: never the base or the adapter folder, and a
-folder holding anything else only with `--overwrite_output_dir`. The model is written to `<output>.partial` and
+folder holding anything else only with `--overwrite_output_dir`. The model is written to a new hidden folder next to the output and
 renamed when complete.
 """
 
@@ -172,7 +172,7 @@ def merge(adapter: str, output: str, base: str | None = None, dtype: str = "auto
         generation_config = merged.generation_config
     merged.generation_config = generation_config
 
-    tmp = output.rstrip("/") + ".partial"
+    tmp = run_dir.fresh_sibling(output)  # a new folder: never a file that was there before
     merged.save_pretrained(tmp)  # safetensors
     tokenizer.save_pretrained(tmp)  # with chat_template.jinja
     run_dir.claim(tmp, "merge.py")
