@@ -130,6 +130,7 @@ class ChatFormat:
     answer_prefix: str  # template text between the generation prompt and the answer (usually "")
     answer_suffix: str  # template text after the answer: the end-of-turn token and what follows it
     notes: list[str]  # what was detected, said once by the caller
+    controls: dict[str, int]  # control_tokens(tokenizer), read once: looked up for every row
 
     @classmethod
     def detect(cls, tokenizer, system_prompt: str | None = None, mode: str = "auto", eos_token: str | None = None,
@@ -209,7 +210,7 @@ class ChatFormat:
         end_id = tokenizer.convert_tokens_to_ids(end)
         stops = [end_id] + [i for i in (tokenizer.eos_token_id,) if i is not None and i != end_id]
         suffix = suffix[suffix.index(end):]
-        return cls(tokenizer, template, mode, end, end_id, stops, prefix, suffix, notes)
+        return cls(tokenizer, template, mode, end, end_id, stops, prefix, suffix, notes, controls)
 
     # ----------------------------------------------------------------------------------------- render
 
@@ -242,12 +243,11 @@ class ChatFormat:
     def tokenize(self, messages: list[dict], response: str) -> tuple[list[int], list[int]]:
         """(prompt ids, completion ids) of one example; the completion is the answer as the template renders it
         plus the end-of-turn token, and nothing after it. Raises RowProblem when that cannot be exact."""
-        controls = control_tokens(self.tokenizer)
         for m in messages:
-            inside = [t for t in controls if t and t in m["content"]]
+            inside = has_special_text(self, m["content"])
             if inside:
                 raise RowProblem(
-                    "prompt contains special-token text", f"{m['role']} turn holds {inside[0]!r}, which a deployment's "
+                    "prompt contains special-token text", f"{m['role']} turn holds {inside!r}, which a deployment's "
                     "apply_chat_template reads as a control token; remove or escape it"
                 )
         try:
@@ -266,7 +266,7 @@ class ChatFormat:
             completion = head + self.text_ids(answer) + [self.end_of_turn_id]
         else:
             completion = self.text_ids(self.answer_prefix + answer) + [self.end_of_turn_id]
-        return self.prompt_ids(messages), completion
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"], completion  # = prompt_ids(messages)
 
     def overhead(self, system_prompt: str | None) -> int:
         """Tokens the template takes for an empty exchange: what max_length must exceed."""
@@ -277,4 +277,4 @@ class ChatFormat:
 
 def has_special_text(fmt: ChatFormat, text: str) -> str | None:
     """The first special token whose text appears in `text` (kept as text by `ChatFormat.tokenize`), or None."""
-    return next((t for t in control_tokens(fmt.tokenizer) if t and t in text), None)
+    return next((t for t in fmt.controls if t and t in text), None)
