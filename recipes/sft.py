@@ -232,6 +232,7 @@ def build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, e
     from trl import SFTTrainer, get_quantization_config
 
     import callbacks
+    import trained_head
 
     packed = training_args.padding_free or (training_args.packing and training_args.packing_strategy != "wrapped")
     if packed and model_args.attn_implementation is None:
@@ -251,7 +252,9 @@ def build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, e
         **(training_args.model_init_kwargs or {}),
         "use_safetensors": True,  # never unpickle weights
     }
-    trainer = SFTTrainer(
+    # On CPU, TRL's fused LM head scores prompt positions too: half of a demo step (recipes/trained_head.py).
+    trainer_class = trained_head.TrainedPositionsSFTTrainer if training_args.device.type == "cpu" else SFTTrainer
+    trainer = trainer_class(
         model=model_args.model_name_or_path,
         args=training_args,
         train_dataset=train_ds,
