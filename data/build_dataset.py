@@ -202,7 +202,11 @@ AREA_MODULES = [
     "rt_privacy", "rt_fraud", "rt_cybercrime", "rt_drugs", "rt_theft",
     "rt_child_safety", "rt_medical", "rt_extremism", "rt_manipulation",
 ]
-HELPFUL_MODULES = ["helpful_a", "helpful_b", "helpful_c"]
+HELPFUL_MODULES = ["helpful_a", "helpful_b", "helpful_c", "helpful_d"]
+# Rows of the first N_HELPFUL_ORIGINAL modules are shuffled with the shared RNG exactly as before later
+# modules existed; rows of later modules are mixed into their split with an RNG of their own (mix_helpful),
+# so adding a module rewrites helpful_train.jsonl (and README.md) but leaves every other file byte-identical.
+N_HELPFUL_ORIGINAL = 3
 
 # Held-out prompts for the critique-and-revise generation demo (not in any split).
 REDTEAM_PROMPTS = [
@@ -298,7 +302,12 @@ Helpful rows per category:
    of three per-principle templates that name the principle; the revision is the hand-written
    text. A few rows use a secondary principle where it fits better (e.g. drink spiking -> P01).
 3. Helpful Q&A pairs were written by hand across 13 categories, with roughly a third of prompts
-   risky-sounding.
+   risky-sounding. A second batch of train rows (`src/helpful_d.py`) was added after the SFT demo
+   over-refused benign requests: about 45% risky-sounding prompts ("kill a runaway query", "shoot the
+   rapids"), about 20% safety-adjacent questions answered helpfully (reporting phishing, spotting
+   romance scams, storing medicines away from children, supporting a friend who self-harms) and
+   everyday requests. Its rows are mixed into `helpful_train.jsonl` with their own seeded RNG, so
+   the other files stayed byte-identical.
 4. The generator validates word counts, exact duplicates (normalized lowercase, collapsed
    whitespace) and near-duplicates (content-word Jaccard >= 0.6) within and across splits and the
    demo prompts, then shuffles rows with a fixed seed. Re-running it reproduces the files
@@ -439,9 +448,11 @@ def build_redteam():
 
 
 def build_helpful():
+    """Rows per split, problems, and per split how many leading rows come from the original modules."""
     rows = {"train": [], "test": []}
     problems = []
-    for mod_name in HELPFUL_MODULES:
+    n_original = {"train": 0, "test": 0}
+    for k, mod_name in enumerate(HELPFUL_MODULES):
         mod = importlib.import_module(mod_name)
         for split, items in (("train", mod.TRAIN), ("test", mod.TEST)):
             for i, (cat, risky, prompt, completion) in enumerate(items):
@@ -452,7 +463,21 @@ def build_helpful():
                     problems.append(f"{mod_name}/{split}/{i}: unknown category {cat}")
                 rows[split].append({"prompt": prompt, "completion": completion,
                                     "category": cat, "risky_sounding": bool(risky)})
-    return rows, problems
+        if k < N_HELPFUL_ORIGINAL:
+            n_original = {split: len(rows[split]) for split in rows}
+    return rows, problems, n_original
+
+
+def mix_helpful(rng, rows, n_original, split):
+    """Shuffle the original modules' rows with the shared rng (same draws as before later modules were
+    added), then insert the later modules' rows at positions drawn from an RNG of their own."""
+    first, later = rows[:n_original], rows[n_original:]
+    rng.shuffle(first)
+    own = random.Random(f"{SEED}/helpful-later/{split}")
+    own.shuffle(later)
+    for r in later:
+        first.insert(own.randrange(len(first) + 1), r)
+    return first
 
 
 def check_overlap(name, train, test, extra=()):
@@ -532,7 +557,7 @@ def main():
         out = sys.argv[sys.argv.index("--out") + 1]
         os.makedirs(out, exist_ok=True)
     rt, p1 = build_redteam()
-    hp, p2 = build_helpful()
+    hp, p2, hp_original = build_helpful()
     extra = [{"prompt": p} for p, _ in REDTEAM_PROMPTS]
     problems = p1 + p2
     problems += check_overlap("redteam", rt["train"], rt["test"], extra)
@@ -548,7 +573,7 @@ def main():
     rng = random.Random(SEED)
     for split in ("train", "test"):
         rng.shuffle(rt[split])
-        rng.shuffle(hp[split])
+        hp[split] = mix_helpful(rng, hp[split], hp_original[split], split)
     with open(os.path.join(out, "constitution.json"), "w", encoding="utf-8") as f:
         json.dump(CONSTITUTION, f, indent=2, ensure_ascii=False)
         f.write("\n")

@@ -36,3 +36,13 @@ def is_local_path(name: str) -> bool:
     return bool(os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
                 or (os.sep != "/" and os.sep in name) or FILE_ENDING.search(name)
                 or ("/" in name and os.path.isdir(first)))
+
+
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16); None when it cannot tell (not Linux)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            flags = f.read()
+    except OSError:
+        return None
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))

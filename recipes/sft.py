@@ -37,6 +37,7 @@ import cai_data  # noqa: E402
 import chat_format  # noqa: E402
 import checks  # noqa: E402
 import entry  # noqa: E402
+import env  # noqa: E402
 import run_dir  # noqa: E402
 import model_card  # noqa: E402
 import quiet  # noqa: E402
@@ -112,6 +113,9 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
         )
     is_main = training_args.process_index == 0
     say = print if is_main else (lambda *a, **k: None)
+    if training_args.bf16 and training_args.device.type == "cpu" and env.cpu_has_bf16() is False:
+        say("bf16 on CPU: this CPU has no AVX512-BF16 or AMX, so bf16 is emulated and slower than fp32; "
+            "set bf16: false to train in fp32")
 
     # Tokenizer and chat format: system role (native / folded / off) and end-of-turn token, detected and said once.
     with checks.reworded_load_error("model_name_or_path", model_args.model_name_or_path):

@@ -79,3 +79,15 @@ def test_evaluation_goes_through_sft_trainer(tiny_model_dir, tmp_path):
         b = trainer.compute_loss(trainer.model, dict(batch))
     assert torch.equal(a, b)
     assert trainer.train_tokens_seen == 0  # the eval batch went to SFTTrainer's own compute_loss
+
+
+def test_cpu_bf16_flag_read_from_cpuinfo(tmp_path):
+    import env
+
+    (tmp_path / "amx").write_text("flags\t\t: fpu sse avx512f amx_bf16 amx_tile\n")
+    (tmp_path / "avx").write_text("flags\t\t: fpu sse avx512f avx512_bf16\n")
+    (tmp_path / "old").write_text("flags\t\t: fpu sse avx2 avx512f avx512bw\n")
+    assert env.cpu_has_bf16(str(tmp_path / "amx")) is True
+    assert env.cpu_has_bf16(str(tmp_path / "avx")) is True
+    assert env.cpu_has_bf16(str(tmp_path / "old")) is False
+    assert env.cpu_has_bf16(str(tmp_path / "missing")) is None
