@@ -39,7 +39,12 @@ def is_local_path(name: str) -> bool:
 
 
 def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16); None when it cannot tell (not Linux)."""
+    """Whether this x86 CPU computes bf16 natively (AVX512-BF16 or AMX-BF16); None when it cannot tell (not Linux,
+    or not x86: ARM names its bf16 support differently)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
+        return None
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             flags = f.read()

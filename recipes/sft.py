@@ -114,7 +114,7 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
     is_main = training_args.process_index == 0
     say = print if is_main else (lambda *a, **k: None)
     if training_args.bf16 and training_args.device.type == "cpu" and env.cpu_has_bf16() is False:
-        say("bf16 on CPU: this CPU has no AVX512-BF16 or AMX, so bf16 is emulated and slower than fp32; "
+        say("bf16 on CPU: this CPU has no AVX512-BF16 or AMX, so bf16 is emulated and likely slower than fp32; "
             "set bf16: false to train in fp32")
 
     # Tokenizer and chat format: system role (native / folded / off) and end-of-turn token, detected and said once.
