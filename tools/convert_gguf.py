@@ -75,6 +75,9 @@ def main(output: str, gguf_dir: str | None = None, gguf_file: str = GGUF_FILE, o
 
 
 if __name__ == "__main__":
+    import quiet
+
+    quiet.setup()  # e.g. DeepSpeed's "Setting accelerator to CPU" on a CPU machine (recipes/quiet.py)
     from trl import TrlParser
 
     entry.run(lambda a: main(a.output, a.gguf_dir, a.gguf_file, a.overwrite_output_dir), TrlParser((ConvertArguments,)),

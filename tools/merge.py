@@ -191,4 +191,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import quiet
+
+    quiet.setup()  # library messages that are not the user's to act on (recipes/quiet.py)
     main()
