@@ -1,7 +1,8 @@
 """Keep library messages that are not the user's to act on out of the recipes' output.
 
-Called once, first thing, by sft.py, evaluate.py, tools/convert_gguf.py and tools/merge.py. Each filter is narrow (one message of one library) and
-says why; causes that a config can fix are fixed in the YAML instead (e.g. `dataloader_pin_memory: false`).
+Called once, first thing, by sft.py, evaluate.py, tools/convert_gguf.py and tools/merge.py. Each filter is narrow
+(one message of one library) and says why; causes that a config can fix are fixed in the YAML instead (e.g.
+`dataloader_pin_memory: false`).
 """
 
 import logging

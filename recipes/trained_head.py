@@ -64,8 +64,7 @@ class TrainedPositionsSFTTrainer(SFTTrainer):
     def log(self, logs, start_time=None):
         if "loss" in logs and not any(k.startswith("eval_") for k in logs) and self.own_loss(self.model):
             # one collective, reached by every process at the same logging step (Trainer logs on all of them)
-            local = [[n, c, e] for n, c, e in self.window] or [[0.0, 0.0, 0.0]]
-            sums = torch.tensor(local, dtype=torch.float64, device=self.accelerator.device)
+            sums = torch.tensor(self.window or [(0, 0, 0.0)], dtype=torch.float64, device=self.accelerator.device)
             n, correct, entropy = self.accelerator.reduce(sums, reduction="sum").unbind(-1)
             seen = self.accelerator.reduce(torch.tensor(float(self.train_tokens_seen), dtype=torch.float64,
                                                         device=self.accelerator.device), reduction="sum")

@@ -13,8 +13,8 @@ in bfloat16); no GPU.
 
 Before anything loads, both folders are checked (adapter_config.json readable, adapter weights present and whole,
 the base's weight shapes match the adapter's) and so is `--output`: never the base or the adapter folder, and a
-folder holding anything else only with `--overwrite_output_dir`. The model is written to a new hidden folder next to the output and
-renamed when complete.
+folder holding anything else only with `--overwrite_output_dir`. The model is written to a new hidden folder next
+to the output and renamed when complete.
 """
 
 import json
