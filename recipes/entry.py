@@ -168,30 +168,29 @@ def parse(parser, argv=None, rules=None):
             problems.append(problem)
         else:
             good[key] = value
-    cli_ok = True
+    good_cli = []  # the command-line options without a problem: the rules below see them
     for group in _cli_groups(argv):
         name = group[0].split("=", 1)[0]
         if not name.startswith("--"):
             problems.append(f"{name}: unexpected value on the command line; options are written `--key value`.")
-            cli_ok = False
             continue
         key = name[2:]
         _, rest = _parse_quietly(parser, group)
         if rest and rest[0].split("=", 1)[0] == name:
             problems.append(f"{key}: unknown command-line option {name}.{checks.closest(key, fields)}")
-            cli_ok = False
             continue
         f = fields.get(key) or fields.get(key.removeprefix("no_"))
         problem = _option_problem(parser, group, key, _type_name(f) if f else "value", "on the command line")
         if problem:
             problems.append(problem)
-            cli_ok = False
+        else:
+            good_cli += group
 
     for key, value in env.items():
         os.environ[key] = str(value)  # as TrlParser does with a YAML `env:` block
     parser.set_defaults_with_config(**good)
     if rules is not None:
-        namespace, _ = parser.parse_known_args(argv if cli_ok else [])
+        namespace, _ = parser.parse_known_args(good_cli)
         problems += rules(vars(namespace))
     if problems:
         raise checks.ConfigError(problems)

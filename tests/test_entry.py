@@ -149,6 +149,16 @@ def test_config_equals_sign_and_unknown_option_for_every_program(program):
     assert any(p.startswith("no_such_option: unknown command-line option") for p in e.value.problems)
 
 
+def test_one_bad_command_line_option_keeps_the_others():
+    """The rules still see the valid command-line options: no spurious 'not set' for what was given."""
+    make, rules = _parsers()["merge.py"]
+    with pytest.raises(checks.ConfigError) as e:
+        entry.parse(make(), ["--adapter", "/nonexistent/adapter", "--output", "/tmp/x", "--dtype", "int7"], rules)
+    assert any(p.startswith("dtype:") and "not one of" in p for p in e.value.problems), e.value.problems
+    assert not any("not set" in p for p in e.value.problems), e.value.problems
+    assert any(p.startswith("adapter: /nonexistent/adapter") for p in e.value.problems), e.value.problems
+
+
 # --------------------------------------------------------------------------------------------- ranges
 
 
