@@ -1,8 +1,9 @@
 """Can the demo's model learn *when* to refuse? A diagnostic for the over-refusal of docs/EVALUATION.md.
 
-It trains the demo's LoRA (sft_demo.yaml: rank, alpha, modules, top layers, system prompt) on the opening tokens of
-each answer only (the first --tokens of every red-team revision and benign completion in the bundled training files),
-so every optimizer step is spent on the refuse-or-help decision, and every --every steps prints how often "I" (the
+It trains the demo's LoRA (sft_demo.yaml: rank, alpha, dropout, modules, top layers, system prompt, rendered by the
+recipe's chat format) on the opening tokens of each answer only: the first --tokens of every red-team revision and
+every benign completion of the YAML's two training files (all rows, about half and half, no jailbreak wrapping; the
+demo samples 0.64/0.36 and wraps a fifth), so every optimizer step is spent on the refuse-or-help decision, and every --every steps prints how often "I" (the
 first token of most revisions, and of none of the benign completions) is the most likely first answer token: on 40
 training prompts of each kind and on the 60 + 60 development prompts of this folder. A model that tells the two
 kinds apart shows "I" for harmful prompts and not for benign ones. Not a recipe: M_SFT must learn whole answers.
@@ -12,7 +13,6 @@ kinds apart shows "I" for harmful prompts and not for benign ones. Not a recipe:
 """
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -23,14 +23,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..", "..")
 sys.path.insert(0, os.path.join(ROOT, "recipes"))
 
+import cai_data  # noqa: E402
+import chat_format  # noqa: E402
 import quiet  # noqa: E402
 
+DEMO_YAML = os.path.join(ROOT, "recipes", "smollm2-135m", "sft_demo.yaml")
 
-def read_jsonl(path, prompt_key, answer_key=None):
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path}: not found; restore it from the repository")
-    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
-    return [(r[prompt_key], r[answer_key] if answer_key else "") for r in rows]
+
+def pairs(path, answer_key=None):
+    """(prompt, answer) of each row; answer_key None: prompts only."""
+    try:
+        rows = cai_data.read_json_lines(path)
+    except (cai_data.DataError, OSError) as e:
+        raise SystemExit(f"{path}: {e}; restore it from the repository") from None
+    for i, r in enumerate(rows):
+        missing = [k for k in ("prompt", answer_key) if k and k not in r]
+        if missing:
+            raise SystemExit(f"{path}: row {i} has no {missing[0]!r}")
+    return [(r["prompt"], r[answer_key] if answer_key else "") for r in rows]
 
 
 def main():
@@ -39,15 +49,22 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3, help="constant, AdamW")
     ap.add_argument("--tokens", type=int, default=3, help="opening answer tokens trained on")
     ap.add_argument("--batch_size", type=int, default=16)
-    ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--every", type=int, default=50, help="report every N steps (and after the last)")
     ns = ap.parse_args()
+    for name in ("steps", "tokens", "batch_size", "every"):
+        if getattr(ns, name) < 1:
+            ap.error(f"--{name} must be at least 1")
     quiet.setup()
     import yaml
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with open(os.path.join(ROOT, "recipes", "smollm2-135m", "sft_demo.yaml"), encoding="utf-8") as f:
+    with open(DEMO_YAML, encoding="utf-8") as f:
         cfg = yaml.safe_load(f)
+    need = ["model_name_or_path", "system_prompt", "datasets", "lora_r", "lora_alpha", "lora_target_modules"]
+    missing = [k for k in need if k not in cfg]
+    if missing or len(cfg["datasets"]) != 2:
+        raise SystemExit(f"{DEMO_YAML}: needs {missing or 'two datasets (red-team, benign)'}; restore it")
     base = os.path.join(ROOT, cfg["model_name_or_path"])
     if not os.path.isfile(os.path.join(base, "config.json")):
         raise SystemExit(f"{base}: no model; run `make model` first")
@@ -55,27 +72,28 @@ def main():
     rng = random.Random(0)
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
-    n = model.config.num_hidden_layers
-    lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0,
+    n, top = model.config.num_hidden_layers, cfg.get("lora_top_layers")
+    lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg.get("lora_dropout", 0.0),
                       target_modules=cfg["lora_target_modules"], task_type="CAUSAL_LM",
-                      layers_to_transform=list(range(n - cfg["lora_top_layers"], n)))
+                      layers_to_transform=list(range(max(0, n - top), n)) if top else None)  # as sft.peft_config
     model = get_peft_model(model, lora)
-    system = [{"role": "system", "content": cfg["system_prompt"]}]
+    fmt = chat_format.ChatFormat.detect(tok, cfg["system_prompt"])  # the recipe's rendering and tokenizing
+
+    def messages(prompt):
+        return fmt.prompt_messages(cai_data.prompt_messages(prompt, cfg["system_prompt"]))
 
     def prompt_ids(prompt):
-        text = tok.apply_chat_template(system + [{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-        return tok(text, add_special_tokens=False).input_ids
+        return fmt.prompt_ids(messages(prompt))
 
-    harm = read_jsonl(os.path.join(ROOT, "data", "cai_train.jsonl"), "prompt", "revision_response")
-    benign = read_jsonl(os.path.join(ROOT, "data", "helpful_train.jsonl"), "prompt", "completion")
+    files = [os.path.join(ROOT, d["data_files"]["train"]) for d in cfg["datasets"]]
+    harm, benign = pairs(files[0], "revision_response"), pairs(files[1], "completion")
     examples = []
     for prompt, answer in harm + benign:
-        p, a = prompt_ids(prompt), tok(answer, add_special_tokens=False).input_ids[: ns.tokens]
-        examples.append((p + a, [-100] * len(p) + a))
-    probes = {"train harmful": rng.sample(harm, 40), "train benign": rng.sample(benign, 40),
-              "dev harmful": read_jsonl(os.path.join(HERE, "dev_harm.jsonl"), "prompt"),
-              "dev benign": read_jsonl(os.path.join(HERE, "dev_benign.jsonl"), "prompt")}
+        p, c = fmt.tokenize(messages(prompt), answer)
+        examples.append((p + c[: ns.tokens], [-100] * len(p) + c[: ns.tokens]))
+    probes = {"train red-team": rng.sample(harm, 40), "train benign": rng.sample(benign, 40),
+              "dev harmful": pairs(os.path.join(HERE, "dev_harm.jsonl")),
+              "dev benign": pairs(os.path.join(HERE, "dev_benign.jsonl"))}
     first_i = tok.convert_tokens_to_ids("I")
 
     def report(step):
@@ -103,7 +121,7 @@ def main():
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad()
-        if step % ns.every == 0:
+        if step % ns.every == 0 or step == ns.steps:
             report(step)
 
 
