@@ -26,8 +26,7 @@ sys.path.insert(0, os.path.join(ROOT, "recipes"))
 import cai_data  # noqa: E402
 import chat_format  # noqa: E402
 import quiet  # noqa: E402
-
-DEMO_YAML = os.path.join(ROOT, "recipes", "smollm2-135m", "sft_demo.yaml")
+from probe import DEMO_YAML  # noqa: E402 - the sibling probe's one home for the demo YAML's path
 
 
 def pairs(path, answer_key=None):
@@ -82,9 +81,6 @@ def main():
     def messages(prompt):
         return fmt.prompt_messages(cai_data.prompt_messages(prompt, cfg["system_prompt"]))
 
-    def prompt_ids(prompt):
-        return fmt.prompt_ids(messages(prompt))
-
     files = [os.path.join(ROOT, d["data_files"]["train"]) for d in cfg["datasets"]]
     harm, benign = pairs(files[0], "revision_response"), pairs(files[1], "completion")
     examples = []
@@ -94,27 +90,26 @@ def main():
     probes = {"train red-team": rng.sample(harm, 40), "train benign": rng.sample(benign, 40),
               "dev harmful": pairs(os.path.join(HERE, "dev_harm.jsonl")),
               "dev benign": pairs(os.path.join(HERE, "dev_benign.jsonl"))}
+    probes = {name: [fmt.prompt_ids(messages(p)) for p, _ in rows] for name, rows in probes.items()}  # once
     first_i = tok.convert_tokens_to_ids("I")
 
     def report(step):
         model.eval()
         parts = []
         for name, rows in probes.items():
-            top = 0
-            for prompt, _ in rows:
-                with torch.no_grad():
-                    top += int(model(torch.tensor([prompt_ids(prompt)])).logits[0, -1].argmax() == first_i)
-            parts.append(f"{name} {top}/{len(rows)}")
+            with torch.no_grad():
+                hits = sum(int(model(torch.tensor([ids])).logits[0, -1].argmax() == first_i) for ids in rows)
+            parts.append(f"{name} {hits}/{len(rows)}")
         print(f"step {step:4d}: first token 'I' is the most likely on " + ", ".join(parts), flush=True)
         model.train()
 
     report(0)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=ns.lr)
     model.train()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for step in range(1, ns.steps + 1):
         batch = rng.sample(examples, ns.batch_size)
         width = max(len(ids) for ids, _ in batch)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch])
         labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch])
