@@ -27,6 +27,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 import env
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant aligned with constitutional principles."
@@ -89,6 +91,21 @@ class CAIDataArguments:
         default=None, metadata={"help": "Evaluate on a seeded sample of this many held-out rows (counted)."}
     )
     dedupe: bool = field(default=True, metadata={"help": "Drop exact duplicate (prompt, response) pairs."})
+    data_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where prepared datasets are kept, keyed by everything that makes their tokens (default "
+                  "$HF_DATASETS_CACHE/cai_sft_prepared). Put it on shared storage for multi-node runs."},
+    )
+    rebuild_data_cache: bool = field(default=False, metadata={"help": "Prepare the data again even on a cache hit."})
+    data_cache_shared: bool = field(
+        default=False,
+        metadata={"help": "data_cache_dir is on storage every node sees: only the first process of the whole run "
+                  "prepares (otherwise the first process of each node)."},
+    )
+    preview_examples: int = field(
+        default=200, metadata={"help": "--dry_run writes this many examples to preview.jsonl (statistics cover all)."}
+    )
+    preview_all: bool = field(default=False, metadata={"help": "--dry_run writes every example to preview.jsonl."})
     exclude_flagged: bool = field(
         default=True, metadata={"help": "Drop rows whose `flags` list is non-empty (from generate_revisions.py)."}
     )
@@ -125,6 +142,37 @@ class DataReport:
         self.changed[reason] += n
         if len(self.locations[reason]) < MAX_LOCATIONS:
             self.locations[reason].append(where)
+
+    def add(self, kind: str, reason: str, wheres: list[str], n: int) -> None:
+        """`n` rows dropped or changed (`kind`) for one reason, located by the first few of `wheres`."""
+        (self.dropped if kind == "dropped" else self.changed)[reason] += n
+        room = MAX_LOCATIONS - len(self.locations[reason])
+        self.locations[reason].extend(wheres[:max(room, 0)])
+
+    def count_rows(self, ds, prefix: str = "") -> None:
+        """Count the drops and changes a `datasets` map recorded in its `drop` / `at` / `changes` columns.
+
+        Rows go through `map` in worker processes, which cannot share this report: each row says what happened to
+        it, and the counting happens here, in batches, in row order (so the examples are the first rows).
+        """
+        import pyarrow.compute as pc
+
+        cols = [c for c in ("drop", "at", "changes") if c in ds.column_names]
+        for table in ds.select_columns(cols).with_format("arrow").iter(batch_size=100_000):
+            mask = pc.fill_null(pc.not_equal(table["drop"], ""), False)
+            if "changes" in cols:
+                mask = pc.or_(mask, pc.greater(pc.list_value_length(table["changes"]), 0))
+            for r in table.filter(mask).to_pylist():
+                if r["drop"]:
+                    self.drop(prefix + r["drop"], r["at"])
+                for c in r.get("changes") or []:
+                    self.change(prefix + c["reason"], c["at"])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataReport:
+        """The report of a cached preparation (the inverse of `to_dict`)."""
+        return cls(d["sources"], Counter(d["dropped"]), Counter(d["changed"]),
+                   defaultdict(list, d["examples_of_each_reason"]), d["counts"])
 
     def to_dict(self) -> dict:
         return {
@@ -239,6 +287,16 @@ def _read_parquet(path: str) -> list[dict]:
 
 def read_local(path: str) -> list[dict]:
     """Rows of one local file; every way a file can be unusable is one clear DataError."""
+    suffix = _check_local(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    if suffix == ".csv":
+        return _read_csv(path)
+    return read_json_lines(path)
+
+
+def _check_local(path: str) -> str:
+    """The suffix of a readable local data file, or the DataError that says why it is not one."""
     if os.path.isdir(path):
         raise DataError(
             f"{path}: is a folder, but a file is expected here. Name one {'/'.join(LOCAL_SUFFIXES)} file (a folder "
@@ -254,11 +312,7 @@ def read_local(path: str) -> list[dict]:
             f"{path}: unsupported file type '{suffix}'. Use .jsonl, .json, .parquet or .csv (save spreadsheets as "
             "UTF-8 .csv)."
         )
-    if suffix == ".parquet":
-        return _read_parquet(path)
-    if suffix == ".csv":
-        return _read_csv(path)
-    return read_json_lines(path)
+    return suffix
 
 
 def _folder_files(folder: str) -> dict[str, list[str]]:
@@ -305,6 +359,10 @@ def _split_files(source: dict, split: str) -> list[str] | None:
 
 
 def _read_hub(source: dict, split: str) -> list[dict]:
+    return _load_hub(source, split).to_list()
+
+
+def _load_hub(source: dict, split: str):
     import datasets
 
     path = source["path"]
@@ -323,7 +381,7 @@ def _read_hub(source: dict, split: str) -> list[dict]:
             f"dataset '{path}' split '{split}': could not load it ({type(e).__name__}: {e}). Check the dataset id, "
             "`dataset_config`/`name` and the split names, or point at a local file or folder."
         ) from None
-    return ds.to_list()
+    return ds
 
 
 def _read_rows(source: dict, split: str) -> tuple[list[dict], list[tuple[str, int]]]:
@@ -376,6 +434,147 @@ def split_exists(source: dict, split: str | None) -> bool:
         return split in datasets.get_dataset_split_names(source["path"], source.get("name"))
     except Exception:  # noqa: BLE001 - an unreachable hub is reported when the train split is read
         return False
+
+
+# --------------------------------------------------------------------------------------------- reading at scale
+# Training reads through `datasets`: each file becomes an Arrow table on disk, and every later step is a batched
+# `map`/`filter` over it, so memory stays bounded however many rows there are. The line readers above serve the
+# small files of evaluate.py and generate_revisions.py, and locate the problem when a `datasets` loader fails.
+
+MIN_ROWS_PER_PROCESS = 20_000  # below this, starting worker processes costs more than it saves
+
+
+def procs(ds, num_proc: int | None) -> int | None:
+    """`dataset_num_proc` for a map over `ds`: worker processes only where the rows are worth it."""
+    return num_proc if num_proc and num_proc > 1 and len(ds) >= MIN_ROWS_PER_PROCESS else None
+
+
+@dataclass
+class Part:
+    """One file (or hub split) of a source as a `datasets.Dataset`, read but not yet checked row by row."""
+
+    label: str  # the file or dataset id that messages name
+    ds: Any  # datasets.Dataset
+    json_text: bool  # rows are JSON objects as text in column `text` (jsonl/json/csv), else Arrow columns
+    columns: list[str]  # every key that any row has
+    row_numbers: Any = None  # JSON Lines with blank lines: the row number of each line (numpy), else None
+
+
+def _json_text_rows(rows, path, stamp):  # noqa: ARG001 - `stamp` (size, mtime) keys datasets' generator cache
+    for r in rows() if callable(rows) else rows:
+        yield {"text": json.dumps(r, ensure_ascii=False)}
+
+
+def _csv_dicts(path):
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            if None in row:
+                raise ValueError("more cells than the header has columns")
+            yield row
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _scan_json_lines(batch):
+    """Per line: not blank, a bad line (not one JSON object), and its keys where they differ from the line before."""
+    nonblank, bad, keys, last = [], [], [], None
+    for line in batch["text"]:
+        if not line.strip():
+            nonblank.append(False), bad.append(False), keys.append("")
+            continue
+        nonblank.append(True)
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            bad.append(True), keys.append("")
+            continue
+        k = "\0".join(map(str, row))
+        bad.append(False), keys.append(k if k != last else "")
+        last = k
+    return {"nonblank": nonblank, "bad": bad, "keys": keys}
+
+
+def _open_local(path: str, num_proc: int | None, cache_dir: str | None) -> Part:
+    """A local file as a Part, through datasets' loaders; where one fails, the line reader names the line."""
+    import datasets
+
+    suffix = _check_local(path)
+    kw = {"split": "train", "cache_dir": cache_dir}
+    if suffix == ".parquet":
+        try:
+            ds = datasets.load_dataset("parquet", data_files=path, **kw)
+        except Exception as e:  # noqa: BLE001 - a vague loader error: the Parquet reader says what is wrong
+            _read_parquet(path)
+            raise DataError(f"{path}: could not read it ({type(e).__name__}: {e}).") from None
+        part = Part(path, ds, False, list(ds.column_names))
+    elif suffix == ".csv" or (suffix == ".json" and _starts_with(path, b"[")):
+        # pandas (behind datasets' csv loader) turns "NA" or "None" into null, and a .json list is one object:
+        # both are read by the line readers' rules, streamed into Arrow as JSON text.
+        rows = (lambda: _csv_dicts(path)) if suffix == ".csv" else read_json_lines(path)
+        try:
+            ds = datasets.Dataset.from_generator(_json_text_rows, gen_kwargs={
+                "rows": rows, "path": path, "stamp": _stamp(path)}, cache_dir=cache_dir)
+        except Exception as e:  # noqa: BLE001 - locate the problem with the line reader's exact message
+            if not (_read_csv if suffix == ".csv" else read_json_lines)(path):
+                raise DataError(f"{path}: the file holds no rows. Fill it or remove it from the configuration.") \
+                    from None
+            raise DataError(f"{path}: could not read it ({type(e).__name__}: {e}).") from None
+        if suffix == ".csv":
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                columns = next(csv.reader(f), [])
+        else:
+            columns = sorted({str(k) for r in rows for k in r})
+        part = Part(path, ds, True, columns)
+    else:
+        try:
+            ds = datasets.load_dataset("text", data_files=path, encoding="utf-8-sig", **kw)
+        except Exception as e:  # noqa: BLE001 - bad UTF-8 and the like: the decoder names the line
+            _decode(_read_bytes(path), path)
+            raise DataError(f"{path}: could not read it ({type(e).__name__}: {e}).") from None
+        scan = ds.map(_scan_json_lines, batched=True, remove_columns=["text"], num_proc=procs(ds, num_proc),
+                      desc=f"checking {os.path.basename(path)}")
+        flags = scan.with_format("numpy", columns=["nonblank", "bad"])[:]
+        nonblank, bad = flags["nonblank"], flags["bad"]
+        if bad.any():
+            read_json_lines(path)  # raises with the line number and the fix
+            raise DataError(f"{path}: line {int(bad.argmax()) + 1}: not one JSON object per line.")
+        import pyarrow.compute as pc
+
+        keys = {k for ks in pc.unique(scan.with_format("arrow", columns=["keys"])[:]["keys"]).to_pylist()
+                for k in ks.split("\0") if ks}
+        numbers = None if nonblank.all() else np.cumsum(nonblank) - 1
+        part = Part(path, ds, True, sorted(keys), numbers)
+    if len(part.ds) == 0 or (part.row_numbers is not None and part.row_numbers[-1] < 0):  # all lines blank
+        raise DataError(f"{path}: the file holds no rows. Fill it or remove it from the configuration.")
+    return part
+
+
+def _starts_with(path: str, prefix: bytes) -> bool:
+    """Whether the file's first non-blank bytes (after a UTF-8 byte-order mark) are `prefix`."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    head = head[3:] if head.startswith(b"\xef\xbb\xbf") else head
+    return head.lstrip().startswith(prefix)
+
+
+def open_parts(source: dict, split: str, num_proc: int | None = None, cache_dir: str | None = None) -> list[Part]:
+    """One split of a source as Parts: its local files, or the hub dataset."""
+    files = _split_files(source, split)
+    if files is None:
+        ds = _load_hub(source, split)
+        return [Part(source["path"], ds, False, list(ds.column_names))]
+    if not files:
+        raise DataError(
+            f"source {source_name(source)}: no file for split '{split}'. Add `{split}: path/to/file.jsonl` under "
+            "its `data_files`, or set `split` to the name of the split you have."
+        )
+    return [_open_local(path, num_proc, cache_dir) for path in files]
 
 
 # --------------------------------------------------------------------------------------------- schemas
@@ -507,17 +706,7 @@ def _pair(row: dict, fmt: str, source: dict) -> tuple[list[dict], str, int]:
     return context, messages[last]["content"], len(messages) - last - 1
 
 
-def normalize(rows, source: dict, split: str, data_args: CAIDataArguments, report: DataReport, origins=None):
-    """Rows of one split to {"prompt": [...], "completion": [...], "source", "row"}; bad rows dropped and counted.
-
-    `origins` gives each row's (file, row index) for the report; by default the source name and list index.
-    """
-    name = source_name(source)
-    if not rows:
-        return []
-    origins = origins or [(name, i) for i in range(len(rows))]
-    columns = sorted({str(k) for r in rows for k in r})
-    fmt = detect_format(columns, source)
+def _missing_columns(fmt: str, source: dict, columns: list[str], name: str, split: str) -> None:
     wanted = _columns_of(fmt, source, columns)
     missing = [c for c in wanted.values() if c not in columns]
     if missing:
@@ -530,38 +719,142 @@ def normalize(rows, source: dict, split: str, data_args: CAIDataArguments, repor
             f"source {name} split '{split}': required column(s) {missing} missing for format '{fmt}'. Columns found: "
             f"{columns}. Map yours with {fix} on this source (top level for dataset_name), or set `format`."
         )
+
+
+def check_row(row: dict, fmt: str, source: dict, system: str | None, exclude_flagged: bool, where: str):
+    """One row to (example, None, changes) or (None, (reason, location), []); `example` is {"prompt": [...],
+    "completion": [...], "own_system": the row brought its own system turn}. Every schema goes through here."""
+    if exclude_flagged and row.get("flags"):
+        return None, ("flagged by generate_revisions.py", f"{where} field 'flags': {row['flags']}"), []
+    try:
+        context, response, ignored = _pair(row, fmt, source)
+    except RowProblem as p:
+        return None, (p.reason, f"{where} field '{p.column}'" + (f": {p.detail}" if p.detail else "")), []
+    init = row.get("init_response") if fmt == "cai" else None
+    if isinstance(init, str) and " ".join(response.split()) == " ".join(init.split()):  # not revised at all
+        return None, ("revision identical to init_response", f"{where} field 'revision_response'"), []
+    changes = [(f"{fmt}: turns after the last assistant turn ignored", f"{where}: {ignored} turn(s)")] if ignored else []
+    own_system = context[0]["role"] == "system"
+    if system and not own_system:
+        context = [{"role": "system", "content": system}, *context]
+    return {"prompt": context, "completion": [{"role": "assistant", "content": response}],
+            "own_system": own_system}, None, changes  # fmt: skip
+
+
+def _all_dropped(name: str, split: str, n: int, fmt: str, reasons: Counter, report: DataReport) -> DataError:
+    return DataError(
+        f"source {name} split '{split}': all {n} rows were dropped ({fmt} format): "
+        + ", ".join(f"{k} {r}" for r, k in reasons.most_common())
+        + ".\n" + "\n".join(report.drop_lines(reasons))
+    )
+
+
+def normalize(rows, source: dict, split: str, data_args: CAIDataArguments, report: DataReport, origins=None):
+    """Rows of one split (a list: evaluate.py's small sets) to {"prompt", "completion", "source", "row"}; bad rows
+    dropped and counted. `origins` gives each row's (file, row index); by default the source name and list index.
+    Training goes through `normalize_parts`, the same `check_row` over Arrow."""
+    name = source_name(source)
+    if not rows:
+        return []
+    origins = origins or [(name, i) for i in range(len(rows))]
+    columns = sorted({str(k) for r in rows for k in r})
+    fmt = detect_format(columns, source)
+    _missing_columns(fmt, source, columns, name, split)
     system = none_if_null(source.get("system_prompt", data_args.system_prompt))
     out, reasons = [], Counter()
     for row, (file, i) in zip(rows, origins):
-        where = f"{file} row {i}"
-        if data_args.exclude_flagged and row.get("flags"):
-            reasons["flagged by generate_revisions.py"] += 1
-            report.drop("flagged by generate_revisions.py", f"{where} field 'flags': {row['flags']}")
+        example, dropped, changes = check_row(row, fmt, source, system, data_args.exclude_flagged, f"{file} row {i}")
+        for reason, where in changes:
+            report.change(reason, where)
+        if dropped:
+            reasons[dropped[0]] += 1
+            report.drop(*dropped)
             continue
-        try:
-            context, response, ignored = _pair(row, fmt, source)
-        except RowProblem as p:
-            reasons[p.reason] += 1
-            report.drop(p.reason, f"{where} field '{p.column}'" + (f": {p.detail}" if p.detail else ""))
-            continue
-        init = row.get("init_response") if fmt == "cai" else None
-        if isinstance(init, str) and " ".join(response.split()) == " ".join(init.split()):  # not revised at all
-            reasons["revision identical to init_response"] += 1
-            report.drop("revision identical to init_response", f"{where} field 'revision_response'")
-            continue
-        if ignored:
-            report.change(f"{fmt}: turns after the last assistant turn ignored", f"{where}: {ignored} turn(s)")
-        if system and context[0]["role"] != "system":
-            context = [{"role": "system", "content": system}, *context]
-        out.append({"prompt": context, "completion": [{"role": "assistant", "content": response}], "source": file,
-                    "row": i})  # fmt: skip
+        out.append({"prompt": example["prompt"], "completion": example["completion"], "source": file, "row": i})
     if not out:
-        raise DataError(
-            f"source {name} split '{split}': all {len(rows)} rows were dropped ({fmt} format): "
-            + ", ".join(f"{n} {r}" for r, n in reasons.most_common())
-            + ".\n" + "\n".join(report.drop_lines(reasons))
-        )
+        raise _all_dropped(name, split, len(rows), fmt, reasons, report)
     return out
+
+
+def _message_list():
+    from datasets import List, Value
+
+    return List({"role": Value("string"), "content": Value("string")})
+
+
+def pair_features():
+    """The columns of a normalized row, and what each map step says about it (drop, at, changes)."""
+    from datasets import Features, List, Value
+
+    return Features({
+        "prompt": _message_list(), "completion": _message_list(), "source": Value("string"), "row": Value("int64"),
+        "own_system": Value("bool"), "drop": Value("string"), "at": Value("string"),
+        "changes": List({"reason": Value("string"), "at": Value("string")}), "pkey": Value("string"),
+        "pkey_hash": Value("int64"), "pair_hash": Value("int64"),
+    })  # fmt: skip
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _normalize_batch(batch, indices, *, part_label, json_text, row_numbers, fmt, source, system, exclude_flagged):
+    out = {k: [] for k in ("prompt", "completion", "source", "row", "own_system", "drop", "at", "changes", "pkey",
+                           "pkey_hash", "pair_hash")}  # fmt: skip
+    names = list(batch)
+    for k, i in enumerate(indices):
+        r = int(row_numbers[i]) if row_numbers is not None else i
+        example, dropped, changes = None, ("", None), []  # a blank line: no row, nothing to count
+        if json_text:
+            line = batch["text"][k]
+            row = json.loads(line) if line.strip() else None
+        else:
+            row = {c: batch[c][k] for c in names}
+        if row is not None:
+            example, dropped, changes = check_row(row, fmt, source, system, exclude_flagged, f"{part_label} row {r}")
+        key = prompt_key(example) if example else ""
+        out["prompt"].append(example and example["prompt"])
+        out["completion"].append(example and example["completion"])
+        out["own_system"].append(bool(example and example["own_system"]))
+        out["source"].append(part_label), out["row"].append(r)
+        out["drop"].append(dropped and dropped[0]), out["at"].append(dropped and dropped[1])
+        out["changes"].append([{"reason": c, "at": a} for c, a in changes])
+        out["pkey"].append(key), out["pkey_hash"].append(_hash64(key) if example else 0)
+        out["pair_hash"].append(_hash64(key + "\0" + example["completion"][0]["content"]) if example else 0)
+    return out
+
+
+def normalize_parts(parts: list[Part], source: dict, split: str, data_args: CAIDataArguments, report: DataReport,
+                    num_proc: int | None = None):
+    """The Parts of one split to normalized rows (a Dataset with `pair_features`), bad rows dropped and counted:
+    `check_row` on every row, as a batched map in `num_proc` workers. Returns (dataset, rows read, format)."""
+    import datasets
+
+    name = source_name(source)
+    columns = sorted({c for part in parts for c in part.columns})
+    fmt = detect_format(columns, source)
+    _missing_columns(fmt, source, columns, name, split)
+    system = none_if_null(source.get("system_prompt", data_args.system_prompt))
+    done = []
+    for part in parts:
+        done.append(part.ds.map(
+            _normalize_batch, batched=True, with_indices=True, remove_columns=part.ds.column_names,
+            features=pair_features(), num_proc=procs(part.ds, num_proc), desc=f"checking rows of {part.label}",
+            fn_kwargs={"part_label": part.label, "json_text": part.json_text, "row_numbers": part.row_numbers,
+                       "fmt": fmt, "source": source, "system": system, "exclude_flagged": data_args.exclude_flagged},
+        ))  # fmt: skip
+    ds = datasets.concatenate_datasets(done) if len(done) > 1 else done[0]
+    before = Counter(report.dropped)
+    report.count_rows(ds)
+    kept = ds.filter(_kept, batched=True, input_columns=["drop"])
+    n_read = sum(len(p.ds) if p.row_numbers is None else int(p.row_numbers[-1]) + 1 for p in parts)
+    if len(kept) == 0:
+        raise _all_dropped(name, split, n_read, fmt, report.dropped - before, report)
+    return kept, n_read, fmt
+
+
+def _kept(drops):
+    return [d is None for d in drops]
 
 
 # --------------------------------------------------------------------------------------------- mixing
@@ -573,20 +866,41 @@ def prompt_key(example: dict) -> str:
     return " ".join(text.lower().split())
 
 
-def _pair_key(example: dict) -> str:
-    return hashlib.sha1((prompt_key(example) + "\0" + example["completion"][0]["content"]).encode()).hexdigest()
+def _column(ds, name: str):
+    """One column of a (possibly filtered) dataset as a numpy array."""
+    return ds.with_format("numpy", columns=[name])[:][name] if len(ds) else np.zeros(0, np.int64)
 
 
-def split_by_prompt(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out `fraction` of the unique prompts, so that no prompt is in both splits."""
-    keys = sorted({prompt_key(e) for e in examples})
-    random.Random(seed).shuffle(keys)
-    n_eval = max(1, round(len(keys) * fraction)) if fraction > 0 and len(keys) > 1 else 0
-    held = set(keys[:n_eval])
-    return [e for e in examples if prompt_key(e) not in held], [e for e in examples if prompt_key(e) in held]
+def _select(ds, keep):
+    """The rows of `ds` where the boolean array `keep` is true (the same dataset when it keeps them all)."""
+    return ds if keep.all() else ds.select(np.flatnonzero(keep))
 
 
-def _mix_parts(per_source: list[list[dict]], fractions: list, seed: int) -> list[list[dict]]:
+def _where(ds, mask, n: int = MAX_LOCATIONS) -> list[str]:
+    """"file row N" of the first `n` rows where `mask` is true: the examples of a counted drop."""
+    first = ds.select(np.flatnonzero(mask)[:n])[:]
+    return [f"{s} row {r}" for s, r in zip(first["source"], first["row"])]
+
+
+def split_by_prompt(ds, fraction: float, seed: int):
+    """Hold out `fraction` of the unique prompts, so that no prompt is in both splits: the same prompts as sorting
+    the unique prompt keys and shuffling them with `random.Random(seed)` (shuffling depends only on the count)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keys = ds.with_format("arrow", columns=["pkey"])[:]["pkey"]
+    unique = pc.unique(keys)
+    n_eval = max(1, round(len(unique) * fraction)) if fraction > 0 and len(unique) > 1 else 0
+    if not n_eval:
+        return ds, ds.select([])
+    order = list(range(len(unique)))
+    random.Random(seed).shuffle(order)
+    ordered = unique.take(pc.sort_indices(unique))  # UTF-8 byte order is code point order: Python's sorted()
+    held = pc.is_in(keys, value_set=ordered.take(pa.array(order[:n_eval]))).to_numpy(zero_copy_only=False)
+    return _select(ds, ~held), _select(ds, held)
+
+
+def _mix_parts(per_source: list, fractions: list, seed: int) -> list:
     """TRL's fraction rule (normalise, cap so that no source is oversampled), per source."""
     if all(f is None for f in fractions):
         return per_source
@@ -595,9 +909,9 @@ def _mix_parts(per_source: list[list[dict]], fractions: list, seed: int) -> list
     out = []
     for k, (rows, w) in enumerate(zip(per_source, weights)):
         # TRL keeps each source's first rows; a seeded shuffle first keeps file order from choosing the subset.
-        rows = list(rows)
-        random.Random(seed + k).shuffle(rows)
-        out.append(rows[: round(w * total)])
+        order = list(range(len(rows)))
+        random.Random(seed + k).shuffle(order)
+        out.append(rows.select(order[: round(w * total)]))
     return out
 
 
@@ -677,28 +991,33 @@ def _unique_names(sources: list[dict]) -> list[str]:
     return names
 
 
-def load_pairs(script_args, data_args: CAIDataArguments, seed: int = 42):
-    """Train and eval lists of conversational prompt/completion rows, and the report of what was dropped.
+def load_pairs(script_args, data_args: CAIDataArguments, seed: int = 42, num_proc: int | None = None,
+               cache_dir: str | None = None):
+    """Train and eval datasets of conversational prompt/completion rows, and the report of what was dropped.
 
     Per source: read, validate rows, take its test split (or hold out `eval_fraction` of its unique prompts).
     Then over all sources: dedupe eval, drop train rows whose prompt is in any eval split, dedupe train, mix
     by `fraction`, and sample `max_eval_examples`. Everything dropped or left out is counted in the report.
+    Every step is a `datasets` operation (map, filter, select); `num_proc` workers check the rows, and `cache_dir`
+    is where datasets' loaders put the Arrow files (None: datasets' own cache). Columns of both datasets: prompt,
+    completion (message lists), source, row (where the row came from) and own_system (it had its own system turn).
     """
+    import datasets
+
     report = DataReport()
     sources = sources_from_args(script_args, data_args)
     names = _unique_names(sources)
     trains, evals = [], []
     for source, name in zip(sources, names):
         split = _train_split(source)
-        rows, origins = _read_rows(source, split)
-        fmt = detect_format(sorted({str(k) for r in rows for k in r}), source)
-        train = normalize(rows, source, split, data_args, report, origins)
-        info = {"path": name, "format": fmt, "train_rows_read": len(rows)}
+        train, n_read, fmt = normalize_parts(open_parts(source, split, num_proc, cache_dir), source, split, data_args,
+                                             report, num_proc)
+        info = {"path": name, "format": fmt, "train_rows_read": n_read}
         test_split = source.get("test_split", "test")
         if test_split and test_split != split and split_exists(source, test_split):
-            test_rows, test_origins = _read_rows(source, test_split)
-            held = normalize(test_rows, source, test_split, data_args, report, test_origins)
-            info.update(eval_from=f"split '{test_split}'", eval_rows_read=len(test_rows))
+            held, n_test, _ = normalize_parts(open_parts(source, test_split, num_proc, cache_dir), source, test_split,
+                                              data_args, report, num_proc)
+            info.update(eval_from=f"split '{test_split}'", eval_rows_read=n_test)
         else:
             fraction = source.get("eval_fraction", data_args.eval_fraction)
             train, held = split_by_prompt(train, fraction, seed)
@@ -709,15 +1028,15 @@ def load_pairs(script_args, data_args: CAIDataArguments, seed: int = 42):
         evals.append(held)
 
     evals = _dedupe(evals, "eval", report) if data_args.dedupe else evals
-    eval_prompts = {prompt_key(e) for part in evals for e in part}
+    eval_prompts = np.concatenate([_column(e, "pkey_hash") for e in evals])
     for k, part in enumerate(trains):
-        trains[k] = [e for e in part if prompt_key(e) not in eval_prompts]
-        for e in part:
-            if prompt_key(e) in eval_prompts:
-                report.drop("prompt also in eval (dropped from train)", f"{e['source']} row {e['row']}")
+        leaked = np.isin(_column(part, "pkey_hash"), eval_prompts)
+        if leaked.any():
+            report.add("dropped", "prompt also in eval (dropped from train)", _where(part, leaked), int(leaked.sum()))
+            trains[k] = _select(part, ~leaked)
     trains = _dedupe(trains, "train", report) if data_args.dedupe else trains
     for name, part in zip(names, trains):
-        if not part:
+        if not len(part):
             raise DataError(
                 f"source {name}: no training rows left after dropping duplicates and prompts that are also in the "
                 "eval split.\n" + "\n".join(report.drop_lines())
@@ -729,17 +1048,26 @@ def load_pairs(script_args, data_args: CAIDataArguments, seed: int = 42):
             report.sources[name].update(fraction=source["fraction"], train_rows_in_mixture=len(kept))
             if len(kept) < len(part):
                 report.change("train rows left out by mixture fractions", name, len(part) - len(kept))
-    mixed = wrap_jailbreaks(mixed, sources, names, seed, report)
-    train = [e for part in mixed for e in part]
-    held = [e for part in evals for e in part]
+    mixed = wrap_jailbreaks(mixed, sources, names, seed, report, num_proc)
+    keep = ["prompt", "completion", "source", "row", "own_system"]
+    train = datasets.concatenate_datasets([p.select_columns(keep) for p in mixed])
+    held = datasets.concatenate_datasets([p.select_columns(keep) for p in evals])
     if data_args.max_eval_examples is not None and len(held) > data_args.max_eval_examples:
         report.change("eval rows not sampled (max_eval_examples)", "eval", len(held) - data_args.max_eval_examples)
-        held = random.Random(seed).sample(held, data_args.max_eval_examples)
+        held = held.select(random.Random(seed).sample(range(len(held)), data_args.max_eval_examples))
     report.counts.update(train_examples=len(train), eval_examples=len(held))
     return train, held, report
 
 
-def wrap_jailbreaks(parts: list[list[dict]], sources: list[dict], names: list[str], seed: int, report: DataReport):
+def _wrap_batch(batch, indices, *, which, templates):
+    import jailbreaks
+
+    return {"prompt": [jailbreaks.wrap_messages(p, templates[which[i]]) if which[i] >= 0 else p
+                       for p, i in zip(batch["prompt"], indices)]}  # fmt: skip
+
+
+def wrap_jailbreaks(parts: list, sources: list[dict], names: list[str], seed: int, report: DataReport,
+                    num_proc: int | None = None):
     """Per source, wrap `jailbreak_fraction` of its training prompts (after the split, leak checks and mixing, so
     eval rows are never wrapped) in the `train` templates of data/jailbreaks.json; counted as a change."""
     import jailbreaks
@@ -758,28 +1086,52 @@ def wrap_jailbreaks(parts: list[list[dict]], sources: list[dict], names: list[st
             continue
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f <= 1:
             raise DataError(f"source {name}: `jailbreak_fraction` must be a number from 0 to 1, got {f!r}.")
-        wrapped, n = jailbreaks.wrap_fraction(part, f, templates, seed + k)
-        report.sources[name]["jailbreak_wrapped"] = n
-        if n:
-            report.change("train prompts wrapped in a jailbreak template (jailbreak_fraction)", name, n)
-        out.append(wrapped)
+        chosen = jailbreaks.chosen_rows(len(part), f, seed + k)
+        which = np.full(len(part), -1, np.int32)
+        which[chosen] = np.arange(len(chosen)) % len(templates)  # templates in turn, each used about equally
+        part = part.map(_wrap_batch, batched=True, with_indices=True, num_proc=procs(part, num_proc),
+                        fn_kwargs={"which": which, "templates": templates}, desc="jailbreak wrappers")
+        report.sources[name]["jailbreak_wrapped"] = len(chosen)
+        if chosen:
+            report.change("train prompts wrapped in a jailbreak template (jailbreak_fraction)", name, len(chosen))
+        out.append(part)
     return out
 
 
-def _dedupe(parts: list[list[dict]], split: str, report: DataReport) -> list[list[dict]]:
+def _dedupe(parts: list, split: str, report: DataReport) -> list:
     """Exact duplicate (prompt, response) pairs removed, within and across sources (the first copy is kept)."""
-    seen, out = set(), []
-    for rows in parts:
-        kept = []
-        for e in rows:
-            key = _pair_key(e)
-            if key in seen:
-                report.drop(f"duplicate (prompt, response) pair in {split}", f"{e['source']} row {e['row']}")
-                continue
-            seen.add(key)
-            kept.append(e)
-        out.append(kept)
+    hashes = [_column(p, "pair_hash") for p in parts]
+    everything = np.concatenate(hashes)
+    keep = np.zeros(len(everything), bool)
+    keep[np.unique(everything, return_index=True)[1]] = True
+    out, start = [], 0
+    for part, h in zip(parts, hashes):
+        mine = keep[start: start + len(h)]
+        start += len(h)
+        if not mine.all():
+            report.add("dropped", f"duplicate (prompt, response) pair in {split}", _where(part, ~mine),
+                       int((~mine).sum()))
+        out.append(_select(part, mine))
     return out
+
+
+def fingerprint(script_args, data_args: CAIDataArguments) -> dict:
+    """Everything the data path reads, for the data cache's key: each source with the SHA-256 of its files (a hub
+    dataset by id and name: pin a local copy to key on its contents), and every data option."""
+    import data_cache
+
+    out = []
+    for s in sources_from_args(script_args, data_args):
+        files = {}
+        for split in sorted({_train_split(s), s.get("test_split", "test")} - {None}):
+            found = _split_files(s, split)
+            files[split] = "hub" if found is None else [
+                [os.path.abspath(f), data_cache.file_digest(f)] for f in found if os.path.isfile(f)]
+        out.append({"source": s, "files": files})
+    options = {k: v for k, v in vars(data_args).items() if k not in ("data_cache_dir", "rebuild_data_cache",
+                                                                      "data_cache_shared", "preview_examples",
+                                                                      "preview_all")}  # fmt: skip
+    return {"sources": out, "options": options}
 
 
 def system_prompts(data_args: CAIDataArguments) -> set:

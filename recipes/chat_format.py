@@ -212,6 +212,20 @@ class ChatFormat:
         suffix = suffix[suffix.index(end):]
         return cls(tokenizer, template, mode, end, end_id, stops, prefix, suffix, notes, controls)
 
+    def fingerprint(self) -> dict:
+        """What decides this format's tokens, for the data cache's key: the tokenizer's model, normalizer and
+        special tokens, its settings, the installed template, the system mode and the end-of-turn token."""
+        import hashlib
+        import json
+
+        tok = self.tokenizer
+        backend = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else json.dumps(
+            sorted(tok.get_vocab().items()))
+        settings = {k: v for k, v in tok.init_kwargs.items() if k != "name_or_path" and not k.endswith("_file")}
+        return {"class": type(tok).__name__, "backend": hashlib.sha256(backend.encode()).hexdigest(),
+                "settings": json.dumps(settings, sort_keys=True, default=str), "template": self.template,
+                "mode": self.mode, "end_of_turn": self.end_of_turn}
+
     # ----------------------------------------------------------------------------------------- render
 
     def prompt_messages(self, context: list[dict]) -> list[dict]:

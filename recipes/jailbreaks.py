@@ -71,10 +71,14 @@ def wrap_messages(messages: list[dict], template: dict) -> list[dict]:
 def wrap_fraction(examples: list[dict], fraction: float, templates: list[dict], seed: int) -> tuple[list[dict], int]:
     """(examples with round(fraction x n) of them wrapped, number wrapped): a seeded choice of rows, templates
     taken in turn so each is used about equally. Each example is {"prompt": messages, ...}; the others are kept."""
-    n = round(fraction * len(examples))
-    chosen = sorted(random.Random(seed).sample(range(len(examples)), n))
+    chosen = chosen_rows(len(examples), fraction, seed)
     out = list(examples)
     for k, i in enumerate(chosen):
         template = templates[k % len(templates)]
         out[i] = {**examples[i], "prompt": wrap_messages(examples[i]["prompt"], template)}
-    return out, n
+    return out, len(chosen)
+
+
+def chosen_rows(n: int, fraction: float, seed: int) -> list[int]:
+    """Which of `n` rows `wrap_fraction` wraps: round(fraction x n) of them, a seeded choice, in row order."""
+    return sorted(random.Random(seed).sample(range(n), round(fraction * n)))

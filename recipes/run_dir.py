@@ -153,12 +153,13 @@ def training_output_problems(output_dir: str, overwrite: bool, dry_run: bool, in
     return p + ([problem] if problem else [])
 
 
-def write_text(path: str, text: str) -> None:
-    """Write a whole text file: to a temporary file, then an atomic rename (never a half-written file)."""
+def write_text(path: str, text) -> None:
+    """Write a whole text file (a string, or an iterable of strings written as they come): to a temporary file,
+    then an atomic rename (never a half-written file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
+        f.writelines([text] if isinstance(text, str) else text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -416,13 +417,24 @@ def _render_labels(tokenizer, ids, labels, color: bool) -> str:
     return "".join(f"[[{s}]]" if tr else s for tr, s in out)
 
 
-def write_preview(train_ds, tokenizer, training_args, model_args, report) -> str:
-    """preview.jsonl: one {"input_ids", "labels"} per training example, exactly as the collator receives them."""
+def write_preview(train_ds, tokenizer, training_args, model_args, report, limit: int | None = None) -> str:
+    """preview.jsonl: {"input_ids", "labels", "source", "row"} of the first `limit` training examples (all when
+    None), exactly as the collator receives them; the statistics printed cover every example."""
+    import pyarrow.compute as pc
+
     path = os.path.join(training_args.output_dir, "preview.jsonl")
-    write_text(path, "".join(json.dumps({"input_ids": ex["input_ids"], "labels": ex["labels"], "source": ex["source"],
-                                         "row": ex["row"]}) + "\n" for ex in train_ds))
+    shown = train_ds if limit is None or limit >= len(train_ds) else train_ds.select(range(limit))
+    write_text(path, (json.dumps({"input_ids": ex["input_ids"], "labels": ex["labels"], "source": ex["source"],
+                                  "row": ex["row"]}) + "\n" for ex in shown))
+    longest = 0
+    for table in train_ds.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=100_000):
+        longest = max(longest, pc.max(pc.list_value_length(table["input_ids"])).as_py() or 0)
     first = train_ds[0]
     print("\nFirst training example (trained tokens highlighted):")
     print(_render_labels(tokenizer, first["input_ids"], first["labels"], sys.stdout.isatty()))
-    print(f"\nDry run: wrote {len(train_ds)} examples to {path}; no weights were loaded.")
+    n, tokens = len(train_ds), report.counts.get("train_tokens", 0)
+    print(f"\nAll {n} training examples: {tokens} tokens (mean {tokens / n:.1f}, longest {longest}), "
+          f"{report.counts.get('train_trained_tokens', 0)} trained.")
+    more = "" if len(shown) == n else " (preview_examples; preview_all: true writes every one)"
+    print(f"Dry run: wrote {len(shown)} of {n} examples to {path}{more}; no weights were loaded.")
     return path

@@ -26,6 +26,7 @@ Any YAML key can be overridden on the command line (`--learning_rate 1e-4`); use
 not `--config=file.yaml`.
 """
 
+import inspect
 import json
 import os
 import sys
@@ -134,11 +135,9 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
     training_args.eos_token = fmt.end_of_turn  # SFTTrainer makes it the tokenizer's EOS and a generation stop token
     training_args.chat_template_path = None  # installed on the tokenizer, wrapped; TRL would re-read the raw file
 
-    with training_args.main_process_first(desc="preparing data"):
-        # Load pairs: every schema -> (prompt messages, R_revised) rows; drops counted, eval split by unique prompt.
-        train_rows, eval_rows, report = cai_data.load_pairs(script_args, data_args, training_args.seed)
-        train_ds = prepare(train_rows, fmt, training_args.max_length, report, "train")
-        eval_ds = prepare(eval_rows, fmt, training_args.max_length, report, "eval")
+    # Data, prepared once: the main process builds (or finds in the cache) and the other ranks load its result.
+    with training_args.main_process_first(local=not data_args.data_cache_shared, desc="preparing data"):
+        train_ds, eval_ds, eval_rows, report = prepare_data(script_args, data_args, training_args, fmt)
     say("Data summary:\n" + "\n".join(report.lines()))
     checks.eval_data_problem(training_args, eval_ds)  # eval_strategy with no eval rows: refused, never turned off
     if is_main:
@@ -148,13 +147,21 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
 
     if recipe_args.dry_run:
         if is_main:
-            run_dir.write_preview(train_ds, tokenizer, training_args, model_args, report)
+            limit = None if data_args.preview_all else data_args.preview_examples
+            run_dir.write_preview(train_ds, tokenizer, training_args, model_args, report, limit)
             import memory  # peak GPU memory per GPU from the config alone (docs/BENCHMARKS.md)
 
             memory.print_estimate(training_args, model_args)
         return None
 
-    sample_rows = [{**r, "prompt": fmt.prompt_messages(r["prompt"])} for r in eval_rows]
+    sample_rows = []  # held-out prompts answered at each evaluation: picked by (source, row), then read
+    if eval_rows is not None and recipe_args.num_sample_prompts:
+        import callbacks
+
+        where = [{**r, "i": i} for i, r in enumerate(eval_rows.select_columns(["source", "row"]).to_list())]
+        for picked in callbacks.pick_sample_rows(where, recipe_args.num_sample_prompts):
+            row = eval_rows[picked["i"]]
+            sample_rows.append({**row, "prompt": fmt.prompt_messages(row["prompt"])})
     trainer = build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, eval_ds, sample_rows)
     # Every stop token of the family (Phi-3: <|end|> and <|endoftext|>) goes into the saved generation_config.
     config = trainer.model.generation_config
@@ -182,54 +189,124 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
     return trainer
 
 
-def prepare(rows, fmt, max_length, report, split):
-    """Rows -> a tokenized dataset with completion-only labels. Each step, and every row it drops, counted.
+def prepare_data(script_args, data_args, training_args, fmt):
+    """(train, eval, eval conversations, DataReport): load pairs, then tokenize both splits; kept in the data cache
+    under a key of every input, so a re-run with the same data, tokenizer, template and settings loads it."""
+    import data_cache
+    import jailbreaks
 
-    TRL would tokenize prompt + completion as one string, so a response starting with `{` could merge with the
-    prompt's last character; here the two are tokenized apart and the prompt ids are exactly the inference ones.
-    """
+    def build(work_dir):
+        num_proc = training_args.dataset_num_proc
+        # Load pairs: every schema -> (prompt messages, R_revised) rows; drops counted, eval split by unique prompt.
+        train_pairs, eval_pairs, report = cai_data.load_pairs(script_args, data_args, training_args.seed, num_proc,
+                                                              work_dir)
+        train = prepare(train_pairs, fmt, training_args.max_length, report, "train", num_proc)
+        evals = prepare(eval_pairs, fmt, training_args.max_length, report, "eval", num_proc)
+        return train, evals, eval_pairs if len(eval_pairs) else None, report.to_dict()
+
+    code = [inspect.getsource(m) for m in (cai_data, chat_format, jailbreaks)] + [
+        inspect.getsource(f) for f in (prepare, tokenize_batch)] + [open(jailbreaks.DEFAULT_PATH).read()]
+    key = data_cache.key(data=cai_data.fingerprint(script_args, data_args), format=fmt.fingerprint(),
+                         max_length=training_args.max_length, seed=training_args.seed, code=code,
+                         versions=library_versions())
+    say = print if training_args.local_process_index == 0 else (
+        lambda m: print(f"[rank {training_args.process_index}] {m}", flush=True))
+    train, evals, eval_pairs, report = data_cache.prepared(data_args.data_cache_dir or data_cache.default_dir(), key,
+                                                           build, data_args.rebuild_data_cache, say)
+    return train, evals, eval_pairs, cai_data.DataReport.from_dict(report)
+
+
+def library_versions() -> dict:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("datasets", "tokenizers", "transformers", "jinja2", "pyarrow", "numpy")}
+
+
+def prepare(pairs, fmt, max_length, report, split, num_proc=None):
+    """Pairs -> a tokenized dataset with completion-only labels: `tokenize_batch` as a batched map, every row it
+    drops or changes counted. Columns: input_ids, labels, source, row."""
     import datasets
 
-    if not rows:
+    if pairs is None or len(pairs) == 0:
         return None
-    examples = []
-    for row in rows:
-        where = f"{row['source']} [{split}] row {row['row']}"
-        response = row["completion"][0]["content"]
-        # Render: the system prompt as the system role, folded into the user turn, or off (chat_format.py).
-        messages = fmt.prompt_messages(row["prompt"])
-        # Tokenize prompt and completion apart: prompt = inference ids; completion = answer + end-of-turn token.
-        try:
-            prompt_ids, completion_ids = fmt.tokenize(messages, response)
-        except chat_format.RowProblem as p:
-            report.drop(f"{split}: {p.reason}", where + (f": {p.detail}" if p.detail else ""))
-            continue
-        special = chat_format.has_special_text(fmt, response)
-        if special:
-            report.change(f"{split}: response holds special-token text (trained as plain text)", f"{where}: {special!r}")
-        # Labels: -100 on every system, user and template token; the answer and its end-of-turn token are trained.
-        input_ids = prompt_ids + completion_ids
-        labels = [-100] * len(prompt_ids) + completion_ids
-        # Length policy: a prompt that fills max_length is dropped; a long answer is cut (and loses its stop token).
-        if max_length is not None and len(input_ids) > max_length:
-            if len(prompt_ids) >= max_length:
-                report.drop(f"{split}: prompt leaves no room for the response at max_length",
-                            f"{where}: prompt is {len(prompt_ids)} tokens, max_length {max_length}")
-                continue
-            report.change(f"{split}: response truncated to max_length (no end-of-turn token)", where)
-            input_ids, labels = input_ids[:max_length], labels[:max_length]
-        examples.append({"input_ids": input_ids, "labels": labels, "source": row["source"], "row": row["row"]})
-    if not examples:
+    if isinstance(pairs, list):  # a few rows built by hand (tests, tools)
+        pairs = datasets.Dataset.from_list(pairs)
+    ds = pairs.map(tokenize_batch, batched=True, remove_columns=pairs.column_names, features=tokenized_features(),
+                   fn_kwargs={"fmt": fmt, "max_length": max_length, "split": split},
+                   num_proc=cai_data.procs(pairs, num_proc), desc=f"tokenizing {split}")
+    report.count_rows(ds)
+    kept = ds.filter(lambda drops: [d is None for d in drops], batched=True, input_columns=["drop"])
+    if len(kept) == 0:
         raise cai_data.DataError(
             f"no {split} examples left after tokenization. Raise `max_length` or shorten the prompts:\n"
             + "\n".join(report.drop_lines())
         )
+    sizes = kept.with_format("numpy", columns=["n_tokens", "n_trained"])[:]
     report.counts.update({
-        f"{split}_examples_tokenized": len(examples),
-        f"{split}_tokens": sum(len(e["input_ids"]) for e in examples),
-        f"{split}_trained_tokens": sum(sum(lab != -100 for lab in e["labels"]) for e in examples),
+        f"{split}_examples_tokenized": len(kept),
+        f"{split}_tokens": int(sizes["n_tokens"].sum()),
+        f"{split}_trained_tokens": int(sizes["n_trained"].sum()),
     })
-    return datasets.Dataset.from_list(examples)
+    return kept.remove_columns(["drop", "at", "changes", "n_tokens", "n_trained"])
+
+
+def tokenize_batch(batch, fmt, max_length, split):
+    """Render, tokenize prompt and completion apart, label, apply the length policy; each row says what happened.
+
+    TRL would tokenize prompt + completion as one string, so a response starting with `{` could merge with the
+    prompt's last character; here the two are tokenized apart and the prompt ids are exactly the inference ones.
+    """
+    out = {k: [] for k in tokenized_features()}
+    own_system = batch.get("own_system") or [False] * len(batch["prompt"])
+    for prompt, completion, source, row, own in zip(batch["prompt"], batch["completion"], batch["source"],
+                                                    batch["row"], own_system):
+        where = f"{source} [{split}] row {row}"
+        drop, at, changes, input_ids, labels = None, None, [], [], []
+        # Render: the system prompt as the system role, folded into the user turn, or off (chat_format.py).
+        messages = fmt.prompt_messages(prompt)
+        # Tokenize prompt and completion apart: prompt = inference ids; completion = answer + end-of-turn token.
+        try:
+            prompt_ids, completion_ids = fmt.tokenize(messages, completion[0]["content"])
+        except chat_format.RowProblem as p:
+            drop, at = f"{split}: {p.reason}", where + (f": {p.detail}" if p.detail else "")
+            prompt_ids = completion_ids = []
+        if drop is None:
+            if own and fmt.mode != "system":
+                done = "folded into the first user turn" if fmt.mode == "fold" else "dropped (system_prompt_mode off)"
+                changes.append({"reason": f"{split}: the row's own system turn {done}", "at": where})
+            special = chat_format.has_special_text(fmt, completion[0]["content"])
+            if special:
+                changes.append({"reason": f"{split}: response holds special-token text (trained as plain text)",
+                                "at": f"{where}: {special!r}"})
+            # Labels: -100 on every system, user and template token; the answer and its end-of-turn token trained.
+            input_ids = prompt_ids + completion_ids
+            labels = [-100] * len(prompt_ids) + completion_ids
+        # Length policy: a prompt that fills max_length is dropped; a long answer is cut (and loses its stop token).
+        if drop is None and max_length is not None and len(input_ids) > max_length:
+            if len(prompt_ids) >= max_length:
+                drop, at = f"{split}: prompt leaves no room for the response at max_length", \
+                    f"{where}: prompt is {len(prompt_ids)} tokens, max_length {max_length}"
+                input_ids, labels = [], []
+            else:
+                changes.append({"reason": f"{split}: response truncated to max_length (no end-of-turn token)",
+                                "at": where})
+                input_ids, labels = input_ids[:max_length], labels[:max_length]
+        for k, v in (("input_ids", input_ids), ("labels", labels), ("source", source), ("row", row), ("drop", drop),
+                     ("at", at), ("changes", changes), ("n_tokens", len(input_ids)),
+                     ("n_trained", sum(lab != -100 for lab in labels))):  # fmt: skip
+            out[k].append(v)
+    return out
+
+
+def tokenized_features():
+    from datasets import Features, List, Value
+
+    return Features({
+        "input_ids": List(Value("int32")), "labels": List(Value("int32")), "source": Value("string"),
+        "row": Value("int64"), "drop": Value("string"), "at": Value("string"),
+        "changes": List({"reason": Value("string"), "at": Value("string")}), "n_tokens": Value("int32"),
+        "n_trained": Value("int32"),
+    })  # fmt: skip
 
 
 def build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, eval_ds, eval_rows):

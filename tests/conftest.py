@@ -182,6 +182,11 @@ def tiny_config(model_dir: str, data: str, output_dir, **overrides) -> dict:
     return cfg
 
 
+def rows_of(ds) -> list[dict]:
+    """A small prepared or loaded dataset as a list of rows ([] for None)."""
+    return [] if ds is None else ds.to_list()
+
+
 def prepare_rows(rows, tok, max_length, report, split="train", system_prompt=None):
     """The recipe's own data path after loading: ChatFormat.detect (system mode, end-of-turn) + sft.prepare."""
     import chat_format

@@ -210,7 +210,7 @@ def test_prompt_without_room_dropped_then_stop_when_nothing_left(tmp_path):
     with pytest.raises(
         cai_data.DataError, match=r"no train examples left(.|\n)*dropped 3 \(train: prompt leaves no room"
     ):
-        prepare_rows(train[1:], tok, 64, cai_data.DataReport())
+        prepare_rows(train.select(range(1, len(train))), tok, 64, cai_data.DataReport())
 
 
 # ------------------------------------------------------------------------------------------- dedupe and leaks

@@ -100,7 +100,7 @@ def test_jailbreak_fraction_in_a_mixture(tmp_path):
     assert report.changed["train prompts wrapped in a jailbreak template (jailbreak_fraction)"] == 5
     assert report.sources[train]["jailbreak_wrapped"] == 5
     again, _, _ = cai_data.load_pairs(_script(), data_args, seed=3)
-    assert again == train_rows
+    assert again.to_list() == train_rows.to_list()
 
     bad = cai_data.CAIDataArguments(datasets=[{"path": train, "jailbreak_fraction": 1.5}])
     with pytest.raises(cai_data.DataError, match=r"source .*train.jsonl: `jailbreak_fraction` must be a number from 0"):

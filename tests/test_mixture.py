@@ -6,7 +6,7 @@ import re
 import types
 
 import pytest
-from conftest import cai_row, run_recipe, tiny_config, write_jsonl
+from conftest import rows_of, cai_row, run_recipe, tiny_config, write_jsonl
 
 import cai_data
 import run_dir
@@ -23,7 +23,8 @@ def pc_rows(tag, n):
 
 
 def load(sources, **kwargs):
-    return cai_data.load_pairs(script(), cai_data.CAIDataArguments(datasets=sources, **kwargs), seed=0)
+    train, evals, report = cai_data.load_pairs(script(), cai_data.CAIDataArguments(datasets=sources, **kwargs), seed=0)
+    return rows_of(train), rows_of(evals), report
 
 
 def count_by_file(rows):
