@@ -211,8 +211,10 @@ def prepare_data(script_args, data_args, training_args, fmt):
                          versions=library_versions())
     say = print if training_args.local_process_index == 0 else (
         lambda m: print(f"[rank {training_args.process_index}] {m}", flush=True))
+    first = training_args.process_index == 0 if data_args.data_cache_shared else training_args.local_process_index == 0
+    rebuild = data_args.rebuild_data_cache and first  # the others load what the first process rebuilt
     train, evals, eval_pairs, report = data_cache.prepared(data_args.data_cache_dir or data_cache.default_dir(), key,
-                                                           build, data_args.rebuild_data_cache, say)
+                                                           build, rebuild, say)
     return train, evals, eval_pairs, cai_data.DataReport.from_dict(report)
 
 
@@ -235,17 +237,18 @@ def prepare(pairs, fmt, max_length, report, split, num_proc=None):
                    fn_kwargs={"fmt": fmt, "max_length": max_length, "split": split},
                    num_proc=cai_data.procs(pairs, num_proc), desc=f"tokenizing {split}")
     report.count_rows(ds)
-    kept = ds.filter(lambda drops: [d is None for d in drops], batched=True, input_columns=["drop"])
+    # Columns read from the memory-mapped table (a filtered Dataset would gather them row by row in Python).
+    keep = ds.data.column("drop").is_null().to_numpy(zero_copy_only=False)
+    kept = ds if keep.all() else ds.select(keep.nonzero()[0])
     if len(kept) == 0:
         raise cai_data.DataError(
             f"no {split} examples left after tokenization. Raise `max_length` or shorten the prompts:\n"
             + "\n".join(report.drop_lines())
         )
-    sizes = kept.with_format("numpy", columns=["n_tokens", "n_trained"])[:]
     report.counts.update({
         f"{split}_examples_tokenized": len(kept),
-        f"{split}_tokens": int(sizes["n_tokens"].sum()),
-        f"{split}_trained_tokens": int(sizes["n_trained"].sum()),
+        f"{split}_tokens": int(ds.data.column("n_tokens").to_numpy()[keep].sum()),
+        f"{split}_trained_tokens": int(ds.data.column("n_trained").to_numpy()[keep].sum()),
     })
     return kept.remove_columns(["drop", "at", "changes", "n_tokens", "n_trained"])
 

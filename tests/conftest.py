@@ -17,6 +17,8 @@ sys.path.insert(0, str(TOOLS))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# datasets' cache, the recipe's data cache under it included: one fresh folder per test session, never ~/.cache
+os.environ.setdefault("HF_DATASETS_CACHE", __import__("tempfile").mkdtemp(prefix="cai-sft-tests-datasets-"))
 
 TRL_TEMPLATES = Path(__import__("trl").__file__).parent / "chat_templates"
 

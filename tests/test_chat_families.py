@@ -128,18 +128,22 @@ def test_family_defaults_exact(tmp_path, family, schema):
         n = next(k for k, lab in enumerate(labels) if lab != -100)
         user = {"role": "user", "content": f"{PROMPT} ({i})"}
         messages = [{"role": "system", "content": SYSTEM}, user]
-        # the prefix is the inference prompt, rendered by the template saved with M_SFT
+        # the prefix is the inference prompt of the model's OWN template (the oracle: not the recipe's wrap), with
+        # the system prompt as its system role, or folded into the user turn where it has none
+        own_messages = messages if mode == "system" else [
+            {"role": "user", "content": SYSTEM + "\n\n" + user["content"]}]
+        own = tok.apply_chat_template(own_messages, chat_template=original, add_generation_prompt=True,
+                                      tokenize=True, return_dict=True, date_string="26 Jul 2024")["input_ids"]
+        assert ids[:n] == own, (family, schema, i)
+        # ... and what a deployment of M_SFT feeds it: the template saved with M_SFT renders the same ids
         inference = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         assert ids[:n] == inference["input_ids"], (family, schema, i)
-        if mode == "fold":  # ... which equals the model's own template with the system prompt in the user turn
-            folded = [{"role": "user", "content": SYSTEM + "\n\n" + user["content"]}]
-            own = tok.apply_chat_template(folded, chat_template=original, add_generation_prompt=True,
-                                          tokenize=False)
-            assert tok.decode(ids[:n]) == own
         # the trained part: the answer as the template renders it, then the end-of-turn token, nothing after
         assert labels[n:] == ids[n:] and ids[-1] == end_id
-        answer = tok.apply_chat_template([*messages, {"role": "assistant", "content": response}], tokenize=False)
-        answer = answer[len(fmt.render_prompt(messages)):]
+        answer = tok.apply_chat_template([*own_messages, {"role": "assistant", "content": response}],
+                                         chat_template=original, tokenize=False, date_string="26 Jul 2024")
+        answer = answer[len(tok.apply_chat_template(own_messages, chat_template=original, tokenize=False,
+                                                    add_generation_prompt=True, date_string="26 Jul 2024")):]
         answer = answer[: answer.rindex(end)]
         assert text_of(tok, family, ids[n:-1]) == answer, (family, schema, i)
         assert not special_ids & set(ids[n:-1])  # special-token text stayed text

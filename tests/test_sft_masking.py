@@ -1,6 +1,7 @@
 """Golden masking: the trained tokens are exactly the response plus its end-of-turn token, for every schema
 and several real chat templates; and examples that lose their response are dropped with a count."""
 
+import copy
 import json
 
 import pytest
@@ -17,6 +18,7 @@ RESPONSE = "I can't help with breaking into homes, but a locksmith can help you.
 
 def prepare(tmp_path, rows, template="chatml", max_length=256, **data_kwargs):
     tok = build_tokenizer(template)
+    original = copy.deepcopy(tok)  # the model's own template: the oracle (detect installs the recipe's wrap on tok)
     path = write_jsonl(tmp_path / "data.jsonl", rows)
     data_args = cai_data.CAIDataArguments(eval_fraction=0.0, **data_kwargs)
 
@@ -25,14 +27,14 @@ def prepare(tmp_path, rows, template="chatml", max_length=256, **data_kwargs):
 
     train, _, report = cai_data.load_pairs(Script, data_args)
     ds = prepare_rows(train, tok, max_length, report, system_prompt=data_args.system_prompt)
-    return tok, ds, report
+    return tok, ds, report, original
 
 
 def trained_text(tok, ex):
     return tok.decode([t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100])
 
 
-def assert_golden(tok, ex, response=RESPONSE):
+def assert_golden(tok, ex, original, response=RESPONSE):
     ids, labels = ex["input_ids"], ex["labels"]
     eos = tok.eos_token
     # labels equal input_ids where trained, -100 elsewhere
@@ -43,10 +45,11 @@ def assert_golden(tok, ex, response=RESPONSE):
     # the trained tokens are one contiguous run at the end
     first = next(i for i, lab in enumerate(labels) if lab != -100)
     assert all(lab != -100 for lab in labels[first:])
-    # the prompt tokens decode to the inference-time prompt
+    # the prompt tokens are the model's own template's inference prompt (a copy taken before the recipe's wrap)
     prompt_messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}]
-    rendered = tok.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
-    assert tok.decode(ids[:first]) == rendered
+    expected = original.apply_chat_template(prompt_messages, add_generation_prompt=True, tokenize=True,
+                                            return_dict=True, date_string="26 Jul 2024")["input_ids"]
+    assert ids[:first] == expected
 
 
 SCHEMAS = {
@@ -61,19 +64,19 @@ SCHEMAS = {
 @pytest.mark.parametrize("schema", sorted(SCHEMAS))
 def test_golden_labels_every_schema(tmp_path, schema):
     kwargs = {"prompt_column": "question", "response_column": "answer"} if schema == "mapped" else {}
-    tok, ds, _ = prepare(tmp_path, [SCHEMAS[schema]], **kwargs)
+    tok, ds, _, original = prepare(tmp_path, [SCHEMAS[schema]], **kwargs)
     assert len(ds) == 1
-    assert_golden(tok, ds[0])
+    assert_golden(tok, ds[0], original)
 
 
 @pytest.mark.parametrize("template", ["qwen2_5", "llama3", "phi3", "seed", "chatml"])
 def test_golden_labels_real_templates(tmp_path, template):
-    tok, ds, _ = prepare(tmp_path, [cai_row(PROMPT, RESPONSE)], template=template)
-    assert_golden(tok, ds[0])
+    tok, ds, _, original = prepare(tmp_path, [cai_row(PROMPT, RESPONSE)], template=template)
+    assert_golden(tok, ds[0], original)
 
 
 def test_seed_template_starts_with_bos_and_trains_only_response(tmp_path):
-    tok, ds, _ = prepare(tmp_path, [cai_row(PROMPT, RESPONSE)], template="seed")
+    tok, ds, _, original = prepare(tmp_path, [cai_row(PROMPT, RESPONSE)], template="seed")
     ids = ds[0]["input_ids"]
     assert ids[0] == tok.convert_tokens_to_ids("<s>") and ds[0]["labels"][0] == -100
     assert tok.decode(ids).startswith("<s><|system|>\n" + SYSTEM + "\n<|user|>\n" + PROMPT + "\n<|assistant|>\n")
@@ -82,7 +85,7 @@ def test_seed_template_starts_with_bos_and_trains_only_response(tmp_path):
 
 def test_gemma_template_without_system_role(tmp_path):
     # Gemma's template rejects a system role: with the defaults the system prompt is folded into the user turn.
-    tok, ds, _ = prepare(tmp_path, [cai_row(PROMPT, RESPONSE)], template="gemma")
+    tok, ds, _, original = prepare(tmp_path, [cai_row(PROMPT, RESPONSE)], template="gemma")
     ex = ds[0]
     assert trained_text(tok, ex) == RESPONSE + "<end_of_turn>"
     assert tok.decode(ex["input_ids"]).count("<start_of_turn>") == 2
@@ -91,13 +94,13 @@ def test_gemma_template_without_system_role(tmp_path):
 
 @pytest.mark.parametrize("off", [None, "null", "none", ""])
 def test_system_prompt_off_words(tmp_path, off):
-    tok, ds, _ = prepare(tmp_path, [cai_row(PROMPT, RESPONSE)], template="gemma", system_prompt=off)
+    tok, ds, _, original = prepare(tmp_path, [cai_row(PROMPT, RESPONSE)], template="gemma", system_prompt=off)
     assert SYSTEM not in tok.decode(ds[0]["input_ids"]) and "null" not in tok.decode(ds[0]["input_ids"])
 
 
 def test_exact_golden_ids_chatml(tmp_path):
-    tok, ds, _ = prepare(tmp_path, [{"prompt": PROMPT, "completion": RESPONSE}])
-    prompt_ids = tok.apply_chat_template(
+    tok, ds, _, original = prepare(tmp_path, [{"prompt": PROMPT, "completion": RESPONSE}])
+    prompt_ids = original.apply_chat_template(
         [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}],
         tokenize=True,
         add_generation_prompt=True,
@@ -117,14 +120,14 @@ def test_multi_turn_messages_train_only_last_assistant_turn(tmp_path):
             {"role": "assistant", "content": RESPONSE},
         ]
     }
-    tok, ds, _ = prepare(tmp_path, [row])
+    tok, ds, _, original = prepare(tmp_path, [row])
     assert trained_text(tok, ds[0]) == RESPONSE + "<|im_end|>"
     assert "hello there" in tok.decode(ds[0]["input_ids"])
 
 
 def test_prompt_too_long_is_dropped_with_count(tmp_path):
     rows = [cai_row(PROMPT, RESPONSE), cai_row("why " * 300, RESPONSE)]
-    _, ds, report = prepare(tmp_path, rows, max_length=64)
+    _, ds, report, _ = prepare(tmp_path, rows, max_length=64)
     assert len(ds) == 1
     [(reason, n)] = [(r, n) for r, n in report.dropped.items() if "no room" in r]
     assert n == 1
@@ -132,7 +135,7 @@ def test_prompt_too_long_is_dropped_with_count(tmp_path):
 
 def test_long_response_truncated_with_count(tmp_path):
     rows = [cai_row(PROMPT, "fox " * 200)]
-    _, ds, report = prepare(tmp_path, rows, max_length=64)
+    _, ds, report, _ = prepare(tmp_path, rows, max_length=64)
     assert len(ds[0]["input_ids"]) == 64
     assert report.changed["train: response truncated to max_length (no end-of-turn token)"] == 1
 
@@ -174,6 +177,6 @@ def test_templates_table_covers_trl_files():
 
 
 def test_preview_is_json_per_example(tmp_path):
-    tok, ds, _ = prepare(tmp_path, [cai_row(PROMPT, RESPONSE)])
+    tok, ds, _, original = prepare(tmp_path, [cai_row(PROMPT, RESPONSE)])
     line = json.dumps({"input_ids": ds[0]["input_ids"], "labels": ds[0]["labels"]})
     assert json.loads(line)["labels"][-1] == tok.convert_tokens_to_ids("<|im_end|>")
