@@ -36,7 +36,8 @@ def test_rerun_hits_and_every_token_input_changes_the_key(tmp_path, tiny_model_d
     assert again == first and folders(cache) == [key]
     # the data file's contents, max_length and the system prompt each make a new key
     rows = toy_cai_rows(24)
-    rows[3]["revision_response"] = "A different revision."
+    for row in rows:
+        row["revision_response"] += " Stay safe."
     write_jsonl(data, rows)
     out, edited = dry(tmp_path, tiny_model_dir, data, cache, "c")
     assert "Data cache: miss" in out and edited != first and len(folders(cache)) == 2
@@ -106,7 +107,7 @@ def test_killed_preparation_and_edited_cache_are_rebuilt_never_used(tmp_path):
     raw[-200] ^= 0xFF  # one byte edited by hand
     arrow.write_bytes(bytes(raw))
     out, ids = dry(tmp_path, model, data, cache, "after_edit")
-    assert f"train/{arrow.name} changed since it was written; preparing the data again" in out
+    assert f"is not used (train/{arrow.name} changed since it was written); preparing the data again" in out
     assert ids == reference
 
     (cache / key / "manifest.json").unlink()  # as a write cut off before its last step would leave it
