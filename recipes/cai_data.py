@@ -532,12 +532,15 @@ def _open_local(path: str, num_proc: int | None, cache_dir: str | None) -> Part:
             columns = sorted({str(k) for r in rows for k in r})
         part = Part(path, ds, True, columns)
     else:
+        if os.path.getsize(path) == 0:  # datasets' text loader fails on an empty file with a vague message
+            raise DataError(f"{path}: the file holds no rows. Fill it or remove it from the configuration.")
         try:
             ds = datasets.load_dataset("text", data_files=path, encoding="utf-8-sig", **kw)
         except Exception as e:  # noqa: BLE001 - bad UTF-8 and the like: the decoder names the line
             _decode(_read_bytes(path), path)
             raise DataError(f"{path}: could not read it ({type(e).__name__}: {e}).") from None
         scan = ds.map(_scan_json_lines, batched=True, remove_columns=["text"], num_proc=procs(ds, num_proc),
+                      load_from_cache_file=False,
                       desc=f"checking {os.path.basename(path)}")
         flags = scan.select_columns(["nonblank", "bad"]).with_format("numpy")[:]
         nonblank, bad = flags["nonblank"], flags["bad"]
@@ -840,6 +843,7 @@ def normalize_parts(parts: list[Part], source: dict, split: str, data_args: CAID
         done.append(part.ds.map(
             _normalize_batch, batched=True, with_indices=True, remove_columns=part.ds.column_names,
             features=pair_features(), num_proc=procs(part.ds, num_proc), desc=f"checking rows of {part.label}",
+            load_from_cache_file=False,  # datasets hashes module functions by name: an edit would reuse rows
             fn_kwargs={"part_label": part.label, "json_text": part.json_text, "row_numbers": part.row_numbers,
                        "fmt": fmt, "source": source, "system": system, "exclude_flagged": data_args.exclude_flagged},
         ))  # fmt: skip
@@ -848,7 +852,7 @@ def normalize_parts(parts: list[Part], source: dict, split: str, data_args: CAID
     report.count_rows(ds)
     kept = Rows(ds, np.flatnonzero(ds.data.column("drop").is_null().to_numpy(zero_copy_only=False)))
     n_read = sum(len(p.ds) if p.row_numbers is None else int(p.row_numbers[-1]) + 1 for p in parts)
-    if len(kept) == 0:
+    if len(kept) == 0 and n_read:
         raise _all_dropped(name, split, n_read, fmt, report.dropped - before, report)
     return kept, n_read, fmt
 
@@ -1113,7 +1117,8 @@ def wrap_jailbreaks(parts: list, sources: list[dict], names: list[str], seed: in
         which = np.full(len(part), -1, np.int32)
         which[chosen] = np.arange(len(chosen)) % len(templates)  # templates in turn, each used about equally
         part = part.map(_wrap_batch, batched=True, with_indices=True, num_proc=procs(part, num_proc),
-                        fn_kwargs={"which": which, "templates": templates}, desc="jailbreak wrappers")
+                        fn_kwargs={"which": which, "templates": templates}, desc="jailbreak wrappers",
+                        load_from_cache_file=False)
         report.sources[name]["jailbreak_wrapped"] = len(chosen)
         if chosen:
             report.change("train prompts wrapped in a jailbreak template (jailbreak_fraction)", name, len(chosen))

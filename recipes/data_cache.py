@@ -107,13 +107,18 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _clean_leftovers(root: str, say) -> None:
-    """Remove the temporary folders of killed preparations on this host (another host's are left alone)."""
+    """Remove the temporary folders of killed preparations on this host (another host's are left alone); each
+    names its host and process in `owner.json`."""
     host = socket.gethostname()
     for name in os.listdir(root) if os.path.isdir(root) else []:
         if not name.startswith(TMP):
             continue
-        *_, tmp_host, pid = name.rsplit("-", 2)
-        if tmp_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+        try:
+            with open(os.path.join(root, name, "owner.json"), encoding="utf-8") as f:
+                owner = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if owner.get("host") == host and owner.get("pid") != os.getpid() and not _pid_alive(int(owner["pid"])):
             say(f"Data cache: removing {os.path.join(root, name)}, left by a preparation that was killed")
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
@@ -132,13 +137,19 @@ def prepared(root: str, cache_key: str, build, rebuild: bool = False, say=print)
             return _load(folder)
         say(f"Data cache: {folder} is not used ({why}); preparing the data again")
         aside = f"{folder}.stale-{socket.gethostname()}-{os.getpid()}"
-        os.replace(folder, aside)  # out of the way first: another rank never loads half of a removal
-        shutil.rmtree(aside, ignore_errors=True)
+        try:
+            os.replace(folder, aside)  # out of the way first: another rank never loads half of a removal
+            shutil.rmtree(aside, ignore_errors=True)
+        except FileNotFoundError:  # another node set it aside first
+            pass
     else:
         say(f"Data cache: miss, preparing the data into {folder}")
     _clean_leftovers(root, say)
-    tmp = os.path.join(root, f"{TMP}{cache_key[:32]}-{socket.gethostname()}-{os.getpid()}")
-    os.makedirs(tmp)
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix=f"{TMP}{cache_key[:32]}-", dir=root)
+    with open(os.path.join(tmp, "owner.json"), "w", encoding="utf-8") as f:
+        json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
     try:
         train, eval_ds, eval_pairs, report = build(os.path.join(tmp, "work"))
         out = os.path.join(tmp, "out")

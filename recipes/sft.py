@@ -205,7 +205,8 @@ def prepare_data(script_args, data_args, training_args, fmt):
         return train, evals, eval_pairs if len(eval_pairs) else None, report.to_dict()
 
     code = [inspect.getsource(m) for m in (cai_data, chat_format, jailbreaks)] + [
-        inspect.getsource(f) for f in (prepare, tokenize_batch)] + [open(jailbreaks.DEFAULT_PATH).read()]
+        inspect.getsource(f) for f in (prepare, tokenize_batch)] + [
+        open(jailbreaks.DEFAULT_PATH).read() if os.path.isfile(jailbreaks.DEFAULT_PATH) else ""]
     key = data_cache.key(data=cai_data.fingerprint(script_args, data_args), format=fmt.fingerprint(),
                          max_length=training_args.max_length, seed=training_args.seed, code=code,
                          versions=library_versions())
@@ -235,7 +236,8 @@ def prepare(pairs, fmt, max_length, report, split, num_proc=None):
         pairs = datasets.Dataset.from_list(pairs)
     ds = pairs.map(tokenize_batch, batched=True, remove_columns=pairs.column_names, features=tokenized_features(),
                    fn_kwargs={"fmt": fmt, "max_length": max_length, "split": split},
-                   num_proc=cai_data.procs(pairs, num_proc), desc=f"tokenizing {split}")
+                   num_proc=cai_data.procs(pairs, num_proc), desc=f"tokenizing {split}",
+                   load_from_cache_file=False)  # the data cache decides reuse, on a key of every input
     report.count_rows(ds)
     # Columns read from the memory-mapped table (a filtered Dataset would gather them row by row in Python).
     keep = ds.data.column("drop").is_null().to_numpy(zero_copy_only=False)

@@ -148,3 +148,27 @@ def test_own_system_turn_folded_is_counted(tmp_path):
     prepare_rows(train, build_tokenizer("gemma"), 256, report, system_prompt=cai_data.DEFAULT_SYSTEM_PROMPT)
     reason = "train: the row's own system turn folded into the first user turn"
     assert report.changed[reason] == 1 and report.locations[reason] == [f"{Script.dataset_name} [train] row 0"]
+
+
+def test_leftover_temporary_folders_never_block_a_build(tmp_path):
+    import data_cache
+
+    key = "b" * 64
+    root = tmp_path / "cache"
+    # a killed build of this very host and pid (a restarted container), and one of a dead process on a hyphenated host
+    for name, owner in ((f".tmp-{key[:32]}-a", {"host": data_cache.socket.gethostname(), "pid": os.getpid()}),
+                        (f".tmp-{key[:32]}-b", {"host": data_cache.socket.gethostname(), "pid": 2 ** 22 + 7})):
+        (root / name).mkdir(parents=True)
+        (root / name / "owner.json").write_text(json.dumps(owner))
+    said = []
+
+    def build(work):
+        import datasets
+
+        ds = datasets.Dataset.from_dict({"input_ids": [[1, 2]], "labels": [[-100, 2]]})
+        return ds, None, None, {"counts": {}}
+
+    train, _, _, report = data_cache.prepared(str(root), key, build, say=said.append)
+    assert train["input_ids"] == [[1, 2]] and report == {"counts": {}}
+    assert sorted(p.name for p in root.iterdir()) == [f".tmp-{key[:32]}-a", key[:32]]  # the dead one removed
+    assert any("left by a preparation that was killed" in m for m in said)

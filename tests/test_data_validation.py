@@ -408,9 +408,10 @@ def test_parquet(tmp_path):
         load(path)
 
 
-def test_empty_file(tmp_path):
+@pytest.mark.parametrize("text", ["\n\n", ""])  # blank lines, and zero bytes (datasets' text loader fails on it)
+def test_empty_file(tmp_path, text):
     path = tmp_path / "d.jsonl"
-    path.write_text("\n\n")
+    path.write_text(text)
     with pytest.raises(cai_data.DataError, match=r"d\.jsonl: the file holds no rows"):
         load(path)
 
