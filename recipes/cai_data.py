@@ -399,7 +399,7 @@ def _read_rows(source: dict, split: str) -> tuple[list[dict], list[tuple[str, in
     for path in files:
         part = read_local(path)
         if not part:
-            raise DataError(f"{path}: the file holds no rows. Fill it or remove it from the configuration.")
+            raise _no_rows(path)
         rows += part
         origins += [(path, i) for i in range(len(part))]
     return rows, origins
@@ -474,6 +474,10 @@ def _csv_dicts(path):
             yield row
 
 
+def _no_rows(path: str) -> DataError:
+    return DataError(f"{path}: the file holds no rows. Fill it or remove it from the configuration.")
+
+
 def _stamp(path: str) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
@@ -522,8 +526,7 @@ def _open_local(path: str, num_proc: int | None, cache_dir: str | None) -> Part:
                 "rows": rows, "path": path, "stamp": _stamp(path)}, cache_dir=cache_dir)
         except Exception as e:  # noqa: BLE001 - locate the problem with the line reader's exact message
             if not (_read_csv if suffix == ".csv" else read_json_lines)(path):
-                raise DataError(f"{path}: the file holds no rows. Fill it or remove it from the configuration.") \
-                    from None
+                raise _no_rows(path) from None
             raise DataError(f"{path}: could not read it ({type(e).__name__}: {e}).") from None
         if suffix == ".csv":
             with open(path, encoding="utf-8-sig", newline="") as f:
@@ -533,7 +536,7 @@ def _open_local(path: str, num_proc: int | None, cache_dir: str | None) -> Part:
         part = Part(path, ds, True, columns)
     else:
         if os.path.getsize(path) == 0:  # datasets' text loader fails on an empty file with a vague message
-            raise DataError(f"{path}: the file holds no rows. Fill it or remove it from the configuration.")
+            raise _no_rows(path)
         try:
             ds = datasets.load_dataset("text", data_files=path, encoding="utf-8-sig", **kw)
         except Exception as e:  # noqa: BLE001 - bad UTF-8 and the like: the decoder names the line
@@ -554,7 +557,7 @@ def _open_local(path: str, num_proc: int | None, cache_dir: str | None) -> Part:
         numbers = None if nonblank.all() else np.cumsum(nonblank) - 1
         part = Part(path, ds, True, sorted(keys), numbers)
     if len(part.ds) == 0 or (part.row_numbers is not None and part.row_numbers[-1] < 0):  # all lines blank
-        raise DataError(f"{path}: the file holds no rows. Fill it or remove it from the configuration.")
+        raise _no_rows(path)
     return part
 
 
@@ -850,7 +853,7 @@ def normalize_parts(parts: list[Part], source: dict, split: str, data_args: CAID
     ds = datasets.concatenate_datasets(done) if len(done) > 1 else done[0]
     before = Counter(report.dropped)
     report.count_rows(ds)
-    kept = Rows(ds, np.flatnonzero(ds.data.column("drop").is_null().to_numpy(zero_copy_only=False)))
+    kept = Rows.kept(ds)
     n_read = sum(len(p.ds) if p.row_numbers is None else int(p.row_numbers[-1]) + 1 for p in parts)
     if len(kept) == 0 and n_read:
         raise _all_dropped(name, split, n_read, fmt, report.dropped - before, report)
@@ -868,6 +871,11 @@ class Rows:
 
     def __post_init__(self):
         assert len(self.ds.data) == len(self.ds), "Rows needs a dataset without an indices mapping"
+
+    @classmethod
+    def kept(cls, ds) -> Rows:
+        """The rows of a map's output that its `drop` column does not drop."""
+        return cls(ds, np.flatnonzero(ds.data.column("drop").is_null().to_numpy(zero_copy_only=False)))
 
     def __len__(self) -> int:
         return len(self.idx)

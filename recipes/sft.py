@@ -239,9 +239,8 @@ def prepare(pairs, fmt, max_length, report, split, num_proc=None):
                    num_proc=cai_data.procs(pairs, num_proc), desc=f"tokenizing {split}",
                    load_from_cache_file=False)  # the data cache decides reuse, on a key of every input
     report.count_rows(ds)
-    # Columns read from the memory-mapped table (a filtered Dataset would gather them row by row in Python).
-    keep = ds.data.column("drop").is_null().to_numpy(zero_copy_only=False)
-    kept = ds if keep.all() else ds.select(keep.nonzero()[0])
+    rows = cai_data.Rows.kept(ds)  # columns read from the memory-mapped table, selected once
+    kept = rows.dataset()
     if len(kept) == 0:
         raise cai_data.DataError(
             f"no {split} examples left after tokenization. Raise `max_length` or shorten the prompts:\n"
@@ -249,8 +248,8 @@ def prepare(pairs, fmt, max_length, report, split, num_proc=None):
         )
     report.counts.update({
         f"{split}_examples_tokenized": len(kept),
-        f"{split}_tokens": int(ds.data.column("n_tokens").to_numpy()[keep].sum()),
-        f"{split}_trained_tokens": int(ds.data.column("n_trained").to_numpy()[keep].sum()),
+        f"{split}_tokens": int(rows.column("n_tokens").sum()),
+        f"{split}_trained_tokens": int(rows.column("n_trained").sum()),
     })
     return kept.remove_columns(["drop", "at", "changes", "n_tokens", "n_trained"])
 
