@@ -5,6 +5,8 @@
 - OverfitGuard: warns when eval loss has risen `overfit_warning_patience` evaluations in a row while train loss fell.
 - SampleGenerations: greedy answers to a few fixed held-out prompts at each evaluation -> output_dir/samples.jsonl
   (and a text table in TensorBoard / W&B / Trackio when one of them is in `report_to`).
+- StopOnSignal: on a stop signal (SIGTERM, SIGUSR1: `stop_signals`), the current optimizer step ends, every rank
+  agreeing, a checkpoint is saved and training stops; sft.py then exits with run_dir.PREEMPTED_EXIT.
 - Curves: at the end of training, output_dir/loss_curves.png, metrics.jsonl and metrics.csv from state.log_history.
 
 Trackers themselves (`report_to: tensorboard | wandb | trackio`) and progress bars are transformers' own.
@@ -14,6 +16,7 @@ import csv
 import json
 import logging
 import os
+import signal
 
 from transformers import EarlyStoppingCallback, ProgressCallback, TrainerCallback
 
@@ -235,6 +238,55 @@ def send_samples_to_trackers(callbacks: list, step: int, records: list[dict]) ->
         except Exception as e:  # noqa: BLE001 - a tracker hiccup must not kill training; samples.jsonl has it all
             logger.warning(f"could not send samples to {type(cb).__name__}: {type(e).__name__}: {e}")
     return sent
+
+
+# --------------------------------------------------------------------------------------------- preemption
+
+
+class StopOnSignal(TrainerCallback):
+    """Preemption-safe training: a stop signal ends the run after the current optimizer step, with a checkpoint.
+
+    The handler only records the signal. At the end of each optimizer step every rank adds up what it received
+    (one all-reduce of a single number), so all ranks stop at the same step even when one alone was signalled; the
+    Trainer then saves checkpoint-N (`should_save`) and leaves its loop (`should_training_stop`). The handlers
+    are installed when training begins (before, a signal ends the process as usual: nothing trained is lost) and
+    the previous ones are restored when it ends.
+    """
+
+    def __init__(self, accelerator, names: list[str]):
+        self.accelerator, self.names = accelerator, names
+        self.received: str | None = None
+        self.stopped_at: int | None = None
+        self.previous: dict = {}
+
+    def _record(self, signum, frame):
+        self.received = self.received or signal.Signals(signum).name
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for name in self.names:
+            self.previous[name] = signal.signal(signal.Signals[name], self._record)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.names:
+            return
+        import torch
+
+        flag = torch.tensor([1.0 if self.received else 0.0], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if flag.item() > 0:
+            self.received = self.received or "a stop signal on another process"
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+            if state.is_world_process_zero:
+                print(f"\nReceived {self.received}: step {state.global_step} finished on every process; saving "
+                      f"checkpoint-{state.global_step} and stopping.", flush=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for name, handler in self.previous.items():
+            signal.signal(signal.Signals[name], handler)
+        self.previous = {}
 
 
 # --------------------------------------------------------------------------------------------- curves

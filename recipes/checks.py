@@ -55,11 +55,32 @@ def sharded(cfg) -> str | None:
     return "FSDP" if launch.get("fsdp") else None
 
 
+def signal_names(spec: str) -> list[str]:
+    """"SIGTERM,SIGUSR1" -> ["SIGTERM", "SIGUSR1"] ("TERM" accepted); "" or "none" -> []."""
+    if not spec or str(spec).strip().lower() == "none":
+        return []
+    names = [n.strip().upper() for n in str(spec).split(",") if n.strip()]
+    return [n if n.startswith("SIG") else "SIG" + n for n in names]
+
+
+def signal_problems(spec: str) -> list[str]:
+    import signal
+
+    p = []
+    for name in signal_names(spec):
+        if name not in signal.Signals.__members__:
+            p.append(f"stop_signals: {name} is not a signal of this system. Use names such as SIGTERM,SIGUSR1.")
+        elif name in ("SIGKILL", "SIGSTOP"):
+            p.append(f"stop_signals: {name} cannot be caught. Use SIGTERM or SIGUSR1 (SLURM's --signal).")
+    return p
+
+
 def config_problems(cfg: dict, world_size: int = 1) -> list[str]:
     """Every rule on the values alone (one flat mapping of all arguments), before anything is loaded."""
     p, get = [], cfg.get
     if not get("model_name_or_path"):
         p.append("model_name_or_path: not set. Point it at a local model folder or a hub id.")
+    p += signal_problems(get("stop_signals") or "")
 
     # Quantization and LoRA
     if get("load_in_4bit") and get("load_in_8bit"):

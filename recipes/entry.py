@@ -8,7 +8,7 @@
    `=`), then `rules(values)` on the merged values (ranges, combinations, paths, the output guard).
 2. `program(*dataclasses)`.
 3. A `checks.ConfigError`, `cai_data.DataError` or `chat_format.TemplateError`, from parsing or from the program, becomes its message on stderr
-   and exit status 2: never a traceback.
+   and exit status 2: never a traceback. A save that ran out of space (`run_dir.DiskFull`) exits with 74.
 
 The parser is a `trl.TrlParser` over the program's dataclasses; only its public API is used.
 """
@@ -24,6 +24,7 @@ import sys
 import cai_data
 import chat_format
 import checks
+import run_dir
 
 
 # --------------------------------------------------------------------------------------------- YAML
@@ -233,6 +234,9 @@ def guarded(call, *args, **kwargs):
         fail(f"Data error: {e}")
     except chat_format.TemplateError as e:
         fail(f"Chat template error: {e}")
+    except run_dir.DiskFull as e:
+        print(str(e), file=sys.stderr, flush=True)
+        raise SystemExit(run_dir.DISK_FULL_EXIT) from None
     except OSError as e:  # a file the program could not read or write (permissions, disk full, ...)
         fail(f"File error: {e}. Check the path and its permissions.")
 

@@ -784,6 +784,7 @@ def main(args: EvalArguments) -> dict:
 
     resolved = check_args(args)
     base_path, out_dir = resolved["base"], resolved["output_dir"]
+    run_dir.RunLock(out_dir, "evaluate.py").acquire()  # one run per output folder, released when the run ends
     tok, fmt = load_tokenizer(args, base_path)
     print("Chat format: " + "; ".join(fmt.notes))
     report = cai_data.DataReport()

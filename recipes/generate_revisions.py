@@ -599,6 +599,7 @@ def print_summary(s: dict) -> None:
 
 def main(args: GenerateArguments) -> dict:
     validate(args)
+    run_dir.RunLock(args.output_path, "generate_revisions.py", inside=False).acquire()  # one run per output file
     constitution = load_constitution(args.constitution_path)
     few_shot = load_few_shot(args)
     prompts, invalid = read_prompts(args)

@@ -9,6 +9,10 @@ Output guard (used by every program that writes, before any weights load or work
 - a dry run never writes into a finished model's folder.
 Writes go to a temporary path and a rename (`write_text`, `replace_folder`, `save_model_atomically`).
 
+One run per output: `RunLock` (a lock file created with O_EXCL, recording host, pid and start time) refuses a second
+run into the same output while the first is alive; a lock whose process is gone (on this host, or an earlier run of
+the same requeued SLURM job) is taken over with a message.
+
 Runs that survive: `checkpoint_to_resume` picks the newest COMPLETE `checkpoint-N` in output_dir (a checkpoint
 cut off mid-write is skipped, renamed `incomplete-checkpoint-N`, never loaded); `save_model_atomically` +
 `mark_complete` write the final model so that a crash while saving never leaves a folder that looks finished.
@@ -21,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
 import sys
 import time
@@ -30,13 +35,17 @@ import checks
 import env
 
 COMPLETE_MARKER = "cai_sft_complete.json"
+LOCK = ".cai_run.lock"  # {"program", "host", "pid", "started", ...}: the run writing this output now
+PREEMPTED = "cai_sft_preempted.json"  # the run stopped on a signal after saving a checkpoint (relaunch resumes)
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on a stop signal with a complete checkpoint; relaunch to resume
+DISK_FULL_EXIT = 74  # EX_IOERR: a save ran out of space; the last complete checkpoint is intact
 FINAL_TMP = ".cai_sft_final.tmp"
 OWNER = ".cai_owner.json"  # {"program": "sft.py"}: this folder was created by that program (a relaunch may use it)
 CHECKPOINT_RE = re.compile(r"^(incomplete-)?checkpoint-(\d+)(\.\d+)?$")
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "adapter_model.bin", "pytorch_model.bin.index.json")
 # What sft.py writes into output_dir before it writes OWNER (runs of earlier versions of the recipe had no OWNER).
-SFT_OWN = (OWNER, COMPLETE_MARKER, FINAL_TMP, "runs", "data_summary.json", "preview.jsonl")
+SFT_OWN = (OWNER, LOCK, COMPLETE_MARKER, FINAL_TMP, PREEMPTED, "runs", "data_summary.json", "preview.jsonl")
 OVERWRITE = "--overwrite_output_dir"
 
 
@@ -117,7 +126,7 @@ def folder_problems(key: str, folder: str, program: str, overwrite: bool, inputs
     if p or overwrite or not os.path.isdir(folder) or owner_of(folder) == program:
         return p
     foreign = [n for n in os.listdir(folder) if n not in own and not CHECKPOINT_RE.match(n)
-               and not n.startswith(OWNER)]  # OWNER's temporary file, while another process of this run writes it
+               and not n.startswith((OWNER, LOCK))]  # their temporary files, while another process writes them
     if foreign:
         p.append(f"{key}: {folder} already holds files that {program} did not write ({_listing(foreign)}). Choose "
                  f"a new or empty {key}, or add {OVERWRITE} to write into it anyway.")
@@ -183,6 +192,163 @@ def replace_folder(tmp: str, folder: str) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, folder)
+
+
+# --------------------------------------------------------------------------------------------- one run per output
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of process `pid` (Linux /proc): a pid reused by another process is not the old run."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            found = json.load(f)
+        return found if isinstance(found, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+class RunLock:
+    """One run per output: a lock file, created atomically (O_EXCL) before any work, removed when the run ends.
+
+    It records program, host, pid, the pid's start time, the start time of the run, the command, and SLURM's job id
+    and restart count. A second run is refused (exit status 2) with a message naming the first. A lock is stale, and
+    taken over with a message, when its process is gone on this host, or when it was left by an earlier run of the
+    same SLURM job (a requeue). A lock held by a process on another host cannot be checked from here: it is
+    refused, and the message says how to remove it if that run is gone.
+    """
+
+    def __init__(self, output: str, program: str, inside: bool = True):
+        """`inside`: the lock lives in the output folder (programs that write into it); else next to the output
+        (programs that write a file, or replace a whole folder)."""
+        self.output, self.program = output, program
+        if inside:
+            self.path = os.path.join(output, LOCK)
+        else:
+            parent, name = os.path.split(os.path.abspath(output.rstrip("/")))
+            self.path = os.path.join(parent, f".{name}{LOCK}")
+        self.me = {
+            "program": program, "host": socket.gethostname(), "pid": os.getpid(),
+            "pid_start": _process_start(os.getpid()), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(sys.argv)[:1000], "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+            "token": os.urandom(8).hex(),  # this lock, not another taken by the same process
+        }  # fmt: skip
+        self.held = False
+
+    def stale(self, holder: dict) -> str | None:
+        """Why a lock held by `holder` may be taken over, or None when its run may still be alive."""
+        if holder.get("slurm_job_id") and holder["slurm_job_id"] == self.me["slurm_job_id"] and int(
+                holder.get("slurm_restart_count") or 0) < self.me["slurm_restart_count"]:
+            return f"it was left by an earlier run of this SLURM job ({holder['slurm_job_id']}, requeued)"
+        if holder.get("host") == self.me["host"] and isinstance(holder.get("pid"), int) and not _alive(
+                holder["pid"], holder.get("pid_start")):
+            return f"its process {holder['pid']} is gone"
+        return None
+
+    def refusal(self, holder: dict) -> str:
+        return (f"{self.path}: {self.output} is in use by another run: {holder.get('program', '?')}, pid "
+                f"{holder.get('pid', '?')} on host {holder.get('host', '?')}, started {holder.get('started', '?')}"
+                f" ({holder.get('command', '')}). Wait for it to end, or choose another output. If that run is gone "
+                f"(a machine that crashed), delete {self.path} and launch again.")
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise checks.ConfigError naming the run that holds it."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        deadline = time.time() + 10
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_json(self.path)
+                if holder is None:  # being written by its creator right now, or left empty by a crash
+                    try:
+                        young = time.time() - os.path.getmtime(self.path) < 10
+                    except FileNotFoundError:
+                        continue
+                    if young and time.time() < deadline:
+                        time.sleep(0.05)
+                        continue
+                    holder, why = {}, "it is empty (its writer died while creating it)"
+                elif all(holder.get(k) == self.me[k] for k in ("host", "pid", "pid_start")):
+                    why = "this process holds it"  # a program called twice in one process (tests, a notebook)
+                else:
+                    why = self.stale(holder)
+                if why is None:
+                    raise checks.ConfigError([self.refusal(holder)])
+                # Take over: only one contender's rename succeeds; a lock renamed by mistake is put back.
+                aside = f"{self.path}.stale-{os.getpid()}"
+                try:
+                    os.rename(self.path, aside)
+                except FileNotFoundError:
+                    continue
+                if (_read_json(aside) or {}) != holder:
+                    with contextlib.suppress(OSError):
+                        os.rename(aside, self.path)
+                    continue
+                os.remove(aside)
+                if why != "this process holds it":
+                        _say(f"Took over the lock {self.path}: {why} (was {holder.get('program', '?')}, pid "
+                         f"{holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}).")
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.me, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self.held = True
+            import atexit
+
+            atexit.register(self.release)
+            return self
+
+    def release(self) -> None:
+        """Remove the lock if it is still this run's."""
+        if self.held and _read_json(self.path) == self.me:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+        self.held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_run(output: str, program: str, is_main: bool = True, world_size: int = 1) -> RunLock | None:
+    """The main process takes `output`'s RunLock; every process learns whether it was refused, and all exit with
+    the same message (status 2) when it was. Call it before any weights load."""
+    problem, lock = None, None
+    if is_main:
+        try:
+            lock = RunLock(output, program).acquire()
+        except checks.ConfigError as e:
+            problem = e.problems
+    if world_size > 1:
+        from accelerate.utils import broadcast_object_list
+
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise checks.ConfigError(problem if is_main else ["(another process of this run could not take the lock)"])
+    return lock
 
 
 # --------------------------------------------------------------------------------------------- output_dir
@@ -383,10 +549,12 @@ def save_model_atomically(trainer, output_dir: str) -> None:
 
 def mark_complete(output_dir: str) -> None:
     """Write the completion marker last, after every file of the model is on disk."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(output_dir, PREEMPTED))  # the run that was stopped has now finished
     files = {}
     for name in sorted(os.listdir(output_dir)):
         path = os.path.join(output_dir, name)
-        if os.path.isfile(path) and name != COMPLETE_MARKER:
+        if os.path.isfile(path) and name not in (COMPLETE_MARKER, LOCK):
             _fsync(path)
             files[name] = os.path.getsize(path)
     tmp = os.path.join(output_dir, COMPLETE_MARKER + ".tmp")
@@ -395,6 +563,93 @@ def mark_complete(output_dir: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(output_dir, COMPLETE_MARKER))
+
+
+# --------------------------------------------------------------------------------------------- stop and full disk
+
+
+def preempted(output_dir: str, received: str, step: int, save_only_model: bool = False) -> str:
+    """After StopOnSignal ended training (main process): check the checkpoint it saved, record what happened in
+    output_dir/cai_sft_preempted.json (and in $CAI_PREEMPTED_FILE when set: scripts/slurm_sft.sh requeues on it),
+    and return the message for the log."""
+    ckpt = os.path.join(output_dir, f"checkpoint-{step}")
+    problem = checkpoint_problem(ckpt, save_only_model)
+    record = {"signal": received, "step": step, "checkpoint": ckpt, "complete": problem is None,
+              "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname()}
+    write_text(os.path.join(output_dir, PREEMPTED), json.dumps(record, indent=1) + "\n")
+    if os.environ.get("CAI_PREEMPTED_FILE"):
+        write_text(os.environ["CAI_PREEMPTED_FILE"], json.dumps({**record, "output_dir": output_dir}) + "\n")
+    if problem:
+        return (f"Stopped on {received} at step {step}, but {ckpt} is incomplete ({problem}); a relaunch resumes "
+                f"from the newest complete checkpoint. Exit status {PREEMPTED_EXIT}.")
+    return (f"Stopped on {received} at step {step}: {ckpt} is complete. Relaunch the same command to resume from "
+            f"it (auto-resume). Exit status {PREEMPTED_EXIT} (preempted, resumable).")
+
+
+class DiskFull(Exception):
+    """A save ran out of space. Its message names the path, the size being written and what is intact;
+    entry.py turns it into exit status DISK_FULL_EXIT."""
+
+
+def folder_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, n)) for root, _, names in os.walk(path) for n in names)
+
+
+def _save_estimate(trainer, final: bool) -> int:
+    """Bytes a save of this model writes: weights saved (trainable ones only for an adapter) + Adam's two fp32
+    states of the trainable ones (checkpoints only)."""
+    params = list(trainer.model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    adapter = len(trainable) < len(params)
+    weights = sum(p.numel() * p.element_size() for p in (trainable if adapter else params))
+    return weights + (0 if final else 8 * sum(p.numel() for p in trainable))
+
+
+def _out_of_space(e: BaseException, path: str, need: int) -> bool:
+    import errno
+
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if any(s in str(e) for s in ("No space left", "os error 28", "Disk quota exceeded", "os error 122")):
+        return True
+    try:  # torch.save names no cause on a full disk ("unexpected pos 576 vs 534"): ask the filesystem
+        return shutil.disk_usage(path).free < need
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def disk_full_guard(trainer, output_dir: str):
+    """Around training and the final save: a save that runs out of space removes its partial folder (the last
+    complete checkpoint and a finished model stay as they are) and becomes DiskFull, naming path and size.
+    Other errors pass through unchanged."""
+    try:
+        yield
+    except Exception as e:
+        save_only = bool(getattr(trainer.args, "save_only_model", False))
+        step = trainer.state.global_step
+        partial, final_tmp = os.path.join(output_dir, f"checkpoint-{step}"), os.path.join(output_dir, FINAL_TMP)
+        if os.path.isdir(final_tmp):
+            writing, what = final_tmp, "the final model"
+        elif os.path.isdir(partial) and checkpoint_problem(partial, save_only) is not None:
+            writing, what = partial, f"checkpoint-{step}"
+        else:
+            raise
+        good = next((c for c in _checkpoints(output_dir) if c != partial and checkpoint_problem(c, save_only) is None),
+                    None)
+        need = folder_size(good) if good and writing == partial else _save_estimate(trainer, writing == final_tmp)
+        if not _out_of_space(e, output_dir, need):
+            raise
+        free = shutil.disk_usage(output_dir).free
+        shutil.rmtree(writing, ignore_errors=True)  # useless when partial, and it frees space
+        intact = (f"The last complete checkpoint, {good}, is intact: free the space and relaunch the same command to "
+                  f"resume from it." if good else "No complete checkpoint was saved before; free the space and "
+                  "relaunch to start again.")
+        raise DiskFull(
+            f"No space left on device while writing {what} to {writing} (about {need / 1e6:.1f} MB; "
+            f"{free / 1e6:.1f} MB free there): {type(e).__name__}: {str(e)[:200]}. Removed the partial {what}. "
+            f"{intact} Or point output_dir at a larger disk, or keep fewer checkpoints (save_total_limit)."
+        ) from e
 
 
 # --------------------------------------------------------------------------------------------- dry-run preview

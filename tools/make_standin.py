@@ -100,6 +100,7 @@ def problems(cfg: dict) -> list[str]:
 
 
 def build(args: StandinArguments) -> str:
+    run_dir.RunLock(args.output, "make_standin.py", inside=False).acquire()  # next to it: replaced whole
     tmp = args.output.rstrip("/") + ".partial"
     os.makedirs(tmp, exist_ok=True)
     mistral_config().save_pretrained(tmp)

@@ -160,6 +160,7 @@ def merge(adapter: str, output: str, base: str | None = None, dtype: str = "auto
     found = problems({"adapter": adapter, "output": output, "base": base, "overwrite_output_dir": overwrite})
     if found:
         raise checks.ConfigError(found)
+    run_dir.RunLock(output, "merge.py", inside=False).acquire()  # next to it: the folder is replaced whole
     base = base or adapter_config(adapter)[0]["base_model_name_or_path"]
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
