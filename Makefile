@@ -17,16 +17,20 @@ model: $(MODEL_DIR)/model.safetensors
 $(MODEL_DIR)/model.safetensors:
 	$(PY) tools/convert_gguf.py --output $(MODEL_DIR)
 
+# `make demo` again trains again into its own output (replace_same_run in the YAML); a model trained with other
+# settings there is never replaced. DEMO_ARGS / EVAL_ARGS add overrides (the README-order test uses a tiny model).
 demo: model
-	$(PY) recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml
-	$(PY) recipes/evaluate.py --config recipes/smollm2-135m/eval_demo.yaml
+	$(PY) recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml $(DEMO_ARGS)
+	$(PY) recipes/evaluate.py --config recipes/smollm2-135m/eval_demo.yaml $(EVAL_ARGS)
 
+# The preview goes next to the demo's model, never into it.
+DRY_RUN_DIR ?= outputs/smollm2-135m-cai-sft-dry-run
 dry-run: model
-	$(PY) recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml --dry_run
+	$(PY) recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml --dry_run --output_dir $(DRY_RUN_DIR) $(DEMO_ARGS)
 
 # M_base vs the demo's M_SFT (docs/EVALUATION.md): prints a table, writes eval_report.md/.json next to the adapter.
 eval: model
-	$(PY) recipes/evaluate.py --config recipes/smollm2-135m/eval_demo.yaml
+	$(PY) recipes/evaluate.py --config recipes/smollm2-135m/eval_demo.yaml $(EVAL_ARGS)
 
 # Critique-and-revise the 10 bundled red-team prompts on CPU -> outputs/generated/revisions.jsonl (resumable).
 # One thread: a 135M model gains little from more, and on shared cores two threads ran 8x slower (GEN_THREADS=2 to try).

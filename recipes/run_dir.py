@@ -150,15 +150,17 @@ def file_problems(key: str, path: str, overwrite: bool, inputs: dict | None = No
             f"{OVERWRITE} to replace it."]
 
 
-def training_output_problems(output_dir: str, overwrite: bool, dry_run: bool, inputs: dict | None = None) -> list[str]:
-    """sft.py's output_dir: a finished model is never replaced silently, and never touched by a dry run."""
+def training_output_problems(output_dir: str, overwrite: bool, dry_run: bool, inputs: dict | None = None,
+                             replace_same_run: bool = False) -> list[str]:
+    """sft.py's output_dir: a finished model is never replaced silently, and never touched by a dry run.
+    With `replace_same_run` the finished model is judged later, by `same_run_problem` (it needs the settings)."""
     if not output_dir:
         return []
     if dry_run and is_complete(output_dir):
         return [f"output_dir: {output_dir} holds a finished model ({COMPLETE_MARKER}); a dry run never writes into "
                 f"it. Give the dry run another output_dir (e.g. --output_dir {output_dir.rstrip('/')}-dry-run)."]
     p = folder_problems("output_dir", output_dir, "sft.py", overwrite, inputs, SFT_OWN)
-    problem = None if p else output_dir_problem(output_dir, overwrite)
+    problem = None if p else output_dir_problem(output_dir, overwrite or (replace_same_run and is_complete(output_dir)))
     return p + ([problem] if problem else [])
 
 
@@ -547,8 +549,30 @@ def save_model_atomically(trainer, output_dir: str) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def mark_complete(output_dir: str) -> None:
-    """Write the completion marker last, after every file of the model is on disk."""
+def settings_digest(values: dict, ignore=()) -> str:
+    """SHA-256 of a run's settings (every key but `ignore`): two runs with the same digest are the same command."""
+    import hashlib
+
+    kept = {k: v for k, v in sorted(values.items()) if k not in ignore}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def same_run_problem(output_dir: str, digest: str) -> str | None:
+    """`replace_same_run`: None when output_dir holds no finished model, or one this same command trained (its
+    marker records the same settings digest); else the refusal."""
+    if not is_complete(output_dir):
+        return None
+    found = (_read_json(os.path.join(output_dir, COMPLETE_MARKER)) or {}).get("settings")
+    if found == digest:
+        return None
+    return (f"output_dir: {output_dir} holds a finished model trained with other settings ({COMPLETE_MARKER}); "
+            "replace_same_run only replaces a model this same command trained. Pick another output_dir, or add "
+            "--overwrite_output_dir to replace it.")
+
+
+def mark_complete(output_dir: str, settings: str | None = None) -> None:
+    """Write the completion marker last, after every file of the model is on disk; `settings`: the run's
+    settings_digest (replace_same_run compares it)."""
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(output_dir, PREEMPTED))  # the run that was stopped has now finished
     files = {}
@@ -559,7 +583,8 @@ def mark_complete(output_dir: str) -> None:
             files[name] = os.path.getsize(path)
     tmp = os.path.join(output_dir, COMPLETE_MARKER + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"complete": True, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}, f, indent=1)
+        json.dump({"complete": True, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": settings,
+                   "files": files}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(output_dir, COMPLETE_MARKER))

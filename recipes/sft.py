@@ -72,6 +72,12 @@ class RecipeArguments:
         default=False,
         metadata={"help": "Train again into an output_dir that holds a finished model (otherwise refused)."},
     )
+    replace_same_run: bool = field(
+        default=False,
+        metadata={"help": "Train again over a finished model in output_dir only when this same command trained it "
+                  "(same settings, recorded in cai_sft_complete.json); any other model is still refused. The demo "
+                  "sets it, so `make demo` runs again."},
+    )
     lora_top_layers: int | None = field(
         default=None,
         metadata={"help": "LoRA on the top N transformer layers only: backward stops below them, so a step costs "
@@ -103,7 +109,8 @@ def make_parser(*more):
 def output_problems(cfg: dict) -> list[str]:
     """The output guard on output_dir (a finished model, foreign files, an input folder), before anything loads."""
     return run_dir.training_output_problems(cfg.get("output_dir"), bool(cfg.get("overwrite_output_dir")),
-                                            bool(cfg.get("dry_run")), checks.input_paths(cfg))
+                                            bool(cfg.get("dry_run")), checks.input_paths(cfg),
+                                            bool(cfg.get("replace_same_run")))
 
 
 def rules(cfg: dict) -> list[str]:
@@ -121,6 +128,15 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
     say = print if is_main else (lambda *a, **k: None)
     # One run per output_dir: a second run into it is refused, naming the first (run_dir.RunLock).
     run_dir.lock_run(training_args.output_dir, "sft.py", is_main, training_args.world_size)
+    settings = settings_digest(script_args, training_args, model_args, data_args, recipe_args)
+    if recipe_args.replace_same_run and not recipe_args.dry_run and not recipe_args.overwrite_output_dir:
+        problem = run_dir.same_run_problem(training_args.output_dir, settings)
+        if problem:
+            raise checks.ConfigError([problem])
+        if run_dir.is_complete(training_args.output_dir):
+            say(f"replace_same_run: {training_args.output_dir} holds a model this same command trained; training "
+                "it again.")
+            recipe_args.overwrite_output_dir = True
     if training_args.bf16 and training_args.device.type == "cpu" and env.cpu_has_bf16() is False:
         say("bf16 on CPU: this CPU has no AVX512-BF16 or AMX, so bf16 is emulated and likely slower than fp32; "
             "set bf16: false to train in fp32")
@@ -201,7 +217,7 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
         if start is not None:
             say(f"Eval loss on held-out revised responses: M_base {start:.4f} -> M_SFT {final['eval_loss']:.4f}")
     with run_dir.disk_full_guard(trainer, training_args.output_dir):
-        save(trainer, training_args, model_args, script_args, data_args, report, fmt)
+        save(trainer, training_args, model_args, script_args, data_args, report, fmt, settings)
     trainer.accelerator.wait_for_everyone()
     trainer.end()
     return trainer
@@ -384,7 +400,18 @@ def peft_config(model_args, recipe_args):
     return config
 
 
-def save(trainer, training_args, model_args, script_args, data_args, report, fmt):
+def settings_digest(*args) -> str:
+    """What makes two runs the same command: every setting, without the switches that only say how to start."""
+    from dataclasses import asdict
+
+    values = {}
+    for a in args:
+        values.update(a.to_dict() if hasattr(a, "to_dict") else asdict(a))
+    return run_dir.settings_digest(values, ignore=("overwrite_output_dir", "replace_same_run", "dry_run",
+                                                   "resume_from_checkpoint", "logging_dir"))
+
+
+def save(trainer, training_args, model_args, script_args, data_args, report, fmt, settings=None):
     """M_SFT: weights or adapter, tokenizer + chat template, generation_config, metrics, model card."""
     out = training_args.output_dir
     run_dir.save_model_atomically(trainer, out)
@@ -393,7 +420,7 @@ def save(trainer, training_args, model_args, script_args, data_args, report, fmt
         trainer.model.generation_config.save_pretrained(out)
         dataset = [cai_data.source_name(s) for s in cai_data.sources_from_args(script_args, data_args)]
         model_card.write(trainer, model_args, data_args, dataset, report, fmt)  # README.md: recipes/model_card.py
-        run_dir.mark_complete(out)
+        run_dir.mark_complete(out, settings)
 
 
 if __name__ == "__main__":
