@@ -279,11 +279,19 @@ class StopOnSignal(TrainerCallback):
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
+            control.should_evaluate = False  # the time left before a hard kill goes to the checkpoint
             if state.is_world_process_zero:
                 print(f"\nReceived {self.received}: step {state.global_step} finished on every process; saving "
                       f"checkpoint-{state.global_step} and stopping.", flush=True)
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:  # the checkpoint is saved: no evaluation, no second save of it
+            control.should_evaluate = False
+            control.should_save = False
+
     def on_train_end(self, args, state, control, **kwargs):
+        if self.stopped_at is not None:
+            return  # keep recording: a second signal while the run exits must not kill it half way
         for name, handler in self.previous.items():
             signal.signal(signal.Signals[name], handler)
         self.previous = {}

@@ -272,54 +272,75 @@ class RunLock:
                 f" ({holder.get('command', '')}). Wait for it to end, or choose another output. If that run is gone "
                 f"(a machine that crashed), delete {self.path} and launch again.")
 
-    def acquire(self) -> RunLock:
-        """Take the lock, or raise checks.ConfigError naming the run that holds it."""
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        deadline = time.time() + 10
-        while True:
+    def _create(self) -> bool:
+        """Create the lock whole: written to a temporary file, then hard-linked to its name (atomic, and it fails
+        when the name exists, also on NFS); where links are not supported, O_EXCL then a write. False if it
+        exists."""
+        tmp = f"{self.path}.{os.getpid()}.{self.me['token']}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.me, f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = _read_json(self.path)
-                if holder is None:  # being written by its creator right now, or left empty by a crash
-                    try:
-                        young = time.time() - os.path.getmtime(self.path) < 10
-                    except FileNotFoundError:
-                        continue
-                    if young and time.time() < deadline:
-                        time.sleep(0.05)
-                        continue
-                    holder, why = {}, "it is empty (its writer died while creating it)"
-                elif all(holder.get(k) == self.me[k] for k in ("host", "pid", "pid_start")):
-                    why = "this process holds it"  # a program called twice in one process (tests, a notebook)
-                else:
-                    why = self.stale(holder)
-                if why is None:
-                    raise checks.ConfigError([self.refusal(holder)])
-                # Take over: only one contender's rename succeeds; a lock renamed by mistake is put back.
-                aside = f"{self.path}.stale-{os.getpid()}"
-                try:
-                    os.rename(self.path, aside)
-                except FileNotFoundError:
-                    continue
-                if (_read_json(aside) or {}) != holder:
-                    with contextlib.suppress(OSError):
-                        os.rename(aside, self.path)
-                    continue
-                os.remove(aside)
-                if why != "this process holds it":
-                        _say(f"Took over the lock {self.path}: {why} (was {holder.get('program', '?')}, pid "
-                         f"{holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}).")
-                continue
+                return False
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(self.me, f)
                 f.flush()
                 os.fsync(f.fileno())
-            self.held = True
-            import atexit
+            return True
+        finally:
+            os.remove(tmp)
 
-            atexit.register(self.release)
-            return self
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise checks.ConfigError naming the run that holds it."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        deadline = time.time() + 10
+        while not self._create():
+            holder = _read_json(self.path)
+            if holder is None:  # gone meanwhile, or (no hard links) being written by its creator, or left empty
+                try:
+                    young = time.time() - os.path.getmtime(self.path) < 10
+                except FileNotFoundError:
+                    continue
+                if young and time.time() < deadline:
+                    time.sleep(0.05)
+                    continue
+                holder, why = {}, "it is empty (its writer died while creating it)"
+            elif all(holder.get(k) == self.me[k] for k in ("host", "pid", "pid_start")):
+                why = "this process holds it"  # a program called twice in one process (tests, a notebook)
+            else:
+                why = self.stale(holder)
+            if why is None:
+                raise checks.ConfigError([self.refusal(holder)])
+            # Take over: only one contender's rename succeeds. A lock renamed by mistake (not the one judged stale)
+            # is linked back, never over a lock created meanwhile.
+            aside = f"{self.path}.stale-{os.getpid()}"
+            try:
+                os.rename(self.path, aside)
+            except FileNotFoundError:
+                continue
+            if (_read_json(aside) or {}) != holder:
+                with contextlib.suppress(OSError):
+                    os.link(aside, self.path)
+                os.remove(aside)
+                continue
+            os.remove(aside)
+            if why != "this process holds it":
+                _say(f"Took over the lock {self.path}: {why} (was {holder.get('program', '?')}, pid "
+                     f"{holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}).")
+        self.held = True
+        import atexit
+
+        atexit.register(self.release)
+        return self
 
     def release(self) -> None:
         """Remove the lock if it is still this run's."""
@@ -565,6 +586,11 @@ def same_run_problem(output_dir: str, digest: str) -> str | None:
     found = (_read_json(os.path.join(output_dir, COMPLETE_MARKER)) or {}).get("settings")
     if found == digest:
         return None
+    if found is None:
+        return (f"output_dir: {output_dir} holds a finished model whose marker ({COMPLETE_MARKER}) records no "
+                "settings (an earlier version of the recipe, or another program); replace_same_run cannot tell "
+                "whether this command trained it. Pick another output_dir, or add --overwrite_output_dir to replace "
+                "it.")
     return (f"output_dir: {output_dir} holds a finished model trained with other settings ({COMPLETE_MARKER}); "
             "replace_same_run only replaces a model this same command trained. Pick another output_dir, or add "
             "--overwrite_output_dir to replace it.")
@@ -611,6 +637,9 @@ def preempted(output_dir: str, received: str, step: int, save_only_model: bool =
             f"it (auto-resume). Exit status {PREEMPTED_EXIT} (preempted, resumable).")
 
 
+FULL_BELOW = 16 << 20  # bytes: a filesystem with less free space than this after a failed save counts as full
+
+
 class DiskFull(Exception):
     """A save ran out of space. Its message names the path, the size being written and what is intact;
     entry.py turns it into exit status DISK_FULL_EXIT."""
@@ -626,11 +655,15 @@ def _save_estimate(trainer, final: bool) -> int:
     params = list(trainer.model.parameters())
     trainable = [p for p in params if p.requires_grad]
     adapter = len(trainable) < len(params)
-    weights = sum(p.numel() * p.element_size() for p in (trainable if adapter else params))
-    return weights + (0 if final else 8 * sum(p.numel() for p in trainable))
+
+    def numel(p):  # ZeRO-3 keeps a 0-element placeholder on each rank; ds_numel is the full size
+        return getattr(p, "ds_numel", None) or p.numel()
+
+    weights = sum(numel(p) * p.element_size() for p in (trainable if adapter else params))
+    return weights + (0 if final else 8 * sum(numel(p) for p in trainable))
 
 
-def _out_of_space(e: BaseException, path: str, need: int) -> bool:
+def _out_of_space(e: BaseException, path: str) -> bool:
     import errno
 
     if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
@@ -638,32 +671,32 @@ def _out_of_space(e: BaseException, path: str, need: int) -> bool:
     if any(s in str(e) for s in ("No space left", "os error 28", "Disk quota exceeded", "os error 122")):
         return True
     try:  # torch.save names no cause on a full disk ("unexpected pos 576 vs 534"): ask the filesystem
-        return shutil.disk_usage(path).free < need
+        return shutil.disk_usage(path).free < FULL_BELOW
     except OSError:
         return False
 
 
 @contextlib.contextmanager
-def disk_full_guard(trainer, output_dir: str):
-    """Around training and the final save: a save that runs out of space removes its partial folder (the last
-    complete checkpoint and a finished model stay as they are) and becomes DiskFull, naming path and size.
-    Other errors pass through unchanged."""
+def disk_full_guard(trainer, output_dir: str, final: bool = False):
+    """Around training (checkpoints) or, with `final`, the final save: a save that runs out of space removes its
+    partial folder (the last complete checkpoint and a finished model stay as they are) and becomes DiskFull,
+    naming path and size. Other errors pass through unchanged."""
     try:
         yield
     except Exception as e:
         save_only = bool(getattr(trainer.args, "save_only_model", False))
         step = trainer.state.global_step
         partial, final_tmp = os.path.join(output_dir, f"checkpoint-{step}"), os.path.join(output_dir, FINAL_TMP)
-        if os.path.isdir(final_tmp):
+        if final and os.path.isdir(final_tmp):
             writing, what = final_tmp, "the final model"
-        elif os.path.isdir(partial) and checkpoint_problem(partial, save_only) is not None:
+        elif not final and os.path.isdir(partial) and checkpoint_problem(partial, save_only) is not None:
             writing, what = partial, f"checkpoint-{step}"
         else:
             raise
         good = next((c for c in _checkpoints(output_dir) if c != partial and checkpoint_problem(c, save_only) is None),
                     None)
         need = folder_size(good) if good and writing == partial else _save_estimate(trainer, writing == final_tmp)
-        if not _out_of_space(e, output_dir, need):
+        if not _out_of_space(e, output_dir):
             raise
         free = shutil.disk_usage(output_dir).free
         shutil.rmtree(writing, ignore_errors=True)  # useless when partial, and it frees space

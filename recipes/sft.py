@@ -127,7 +127,7 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
     is_main = training_args.process_index == 0
     say = print if is_main else (lambda *a, **k: None)
     # One run per output_dir: a second run into it is refused, naming the first (run_dir.RunLock).
-    run_dir.lock_run(training_args.output_dir, "sft.py", is_main, training_args.world_size)
+    lock = run_dir.lock_run(training_args.output_dir, "sft.py", is_main, training_args.world_size)
     settings = settings_digest(script_args, training_args, model_args, data_args, recipe_args)
     if recipe_args.replace_same_run and not recipe_args.dry_run and not recipe_args.overwrite_output_dir:
         problem = run_dir.same_run_problem(training_args.output_dir, settings)
@@ -203,6 +203,7 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
         if is_main:
             print(run_dir.preempted(training_args.output_dir, stop.received, stop.stopped_at,
                                     training_args.save_only_model), flush=True)
+            lock.release()  # before the barrier: a launcher may kill this process once the others have exited
         trainer.accelerator.wait_for_everyone()
         raise SystemExit(run_dir.PREEMPTED_EXIT)
     trainer.save_metrics("train", train_result.metrics)
@@ -216,8 +217,10 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
         start = next((h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h and h["step"] == 0), None)
         if start is not None:
             say(f"Eval loss on held-out revised responses: M_base {start:.4f} -> M_SFT {final['eval_loss']:.4f}")
-    with run_dir.disk_full_guard(trainer, training_args.output_dir):
+    with run_dir.disk_full_guard(trainer, training_args.output_dir, final=True):
         save(trainer, training_args, model_args, script_args, data_args, report, fmt, settings)
+    if lock:
+        lock.release()
     trainer.accelerator.wait_for_everyone()
     trainer.end()
     return trainer

@@ -14,7 +14,9 @@
 # then requeues the job (--requeue, `scontrol requeue`), and the requeued job resumes from that checkpoint. The
 # launchers ignore SIGUSR1 (`trap '' USR1`), so only the training processes act on it. SIGTERM (scancel, or
 # preemption with PreemptMode=REQUEUE, where SLURM requeues by itself) also ends training with a checkpoint; allow
-# a step and a save within the cluster's GraceTime/KillWait. Raise the 600 s for slow saves (7B full: minutes).
+# a step and a save within the cluster's GraceTime/KillWait, and within the 30 s after which torchrun SIGKILLs the
+# workers it forwarded SIGTERM to. Raise the 600 s for slow saves (7B full: minutes). A SIGUSR1 that arrives
+# before training begins is ignored (inherited from the launcher).
 #SBATCH --job-name=cai-sft
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1

@@ -94,6 +94,15 @@ def _assert_resumed(out, before: dict, log: str):
     assert later and min(later) > newest, f"checkpoints written by the relaunch: {later}"
 
 
+def _relaunch_resumes(cfg, tmp_path, reference):
+    """Relaunch the same command: it resumes (checkpoints before it untouched) and ends as the reference run."""
+    out = Path(cfg["output_dir"])
+    before = _snapshot(out)
+    resumed = run_recipe(cfg, tmp_path)
+    _assert_resumed(out, before, resumed.stdout)
+    _assert_same_run(out, reference.out)
+
+
 def _start(cfg, tmp_path, *wrapper):
     cfg_path = tmp_path / "config_sft.yaml"  # the file and command that run_recipe uses for the relaunch
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -117,11 +126,7 @@ def test_kill_9_then_relaunch_matches_uninterrupted_run(tiny_model_dir, referenc
         proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before the test could kill it"
     assert not run_dir.is_complete(out) and not (out / "model.safetensors").exists()
-    before = _snapshot(out)
-
-    resumed = run_recipe(cfg, tmp_path)
-    _assert_resumed(out, before, resumed.stdout)
-    _assert_same_run(out, reference.out)
+    _relaunch_resumes(cfg, tmp_path, reference)
 
 
 def test_altered_checkpoint_changes_the_result(tiny_model_dir, reference, tmp_path):
@@ -144,8 +149,9 @@ def test_stop_signal_saves_a_checkpoint_and_the_relaunch_resumes(tiny_model_dir,
     out = tmp_path / "out"
     cfg = _config(tiny_model_dir, reference.data, out)
     proc = _start(cfg, tmp_path)
-    try:
-        _wait_for_checkpoint(proc, out / f"checkpoint-{SAVE_STEPS}")
+    try:  # as soon as the first checkpoint is being written: most of the run is still ahead
+        while proc.poll() is None and not (out / f"checkpoint-{SAVE_STEPS}").exists():
+            time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
     finally:
         log, _ = proc.communicate(timeout=120)
@@ -157,11 +163,7 @@ def test_stop_signal_saves_a_checkpoint_and_the_relaunch_resumes(tiny_model_dir,
     assert f"Received SIGTERM: step {step} finished" in log and f"checkpoint-{step} is complete" in log, log[-3000:]
     assert run_dir.checkpoint_problem(str(out / f"checkpoint-{step}")) is None
     assert not run_dir.is_complete(out) and not (out / "model.safetensors").exists()
-    before = _snapshot(out)
-
-    resumed = run_recipe(cfg, tmp_path)
-    _assert_resumed(out, before, resumed.stdout)
-    _assert_same_run(out, reference.out)
+    _relaunch_resumes(cfg, tmp_path, reference)
     assert not (out / run_dir.PREEMPTED).exists()
 
 
@@ -179,11 +181,7 @@ def test_full_disk_while_saving_a_checkpoint(tiny_model_dir, reference, tmp_path
     assert "Traceback" not in log, log[-3000:]
     assert not (out / "checkpoint-4").exists() and not list(out.glob("*checkpoint-6"))
     assert run_dir.checkpoint_problem(str(out / "checkpoint-2")) is None
-    before = _snapshot(out)
-
-    resumed = run_recipe(cfg, tmp_path)
-    _assert_resumed(out, before, resumed.stdout)
-    _assert_same_run(out, reference.out)
+    _relaunch_resumes(cfg, tmp_path, reference)
 
 
 def test_checkpoint_cut_off_mid_write_is_skipped(tiny_model_dir, reference, tmp_path):
@@ -299,3 +297,34 @@ def test_crash_while_saving_never_looks_finished(tmp_path):
     marker = json.loads((out / run_dir.COMPLETE_MARKER).read_text())
     assert marker["files"]["model.safetensors"] == 200 and run_dir.is_complete(out)
     assert "--overwrite_output_dir" in run_dir.output_dir_problem(str(out), overwrite=False)
+
+
+class _GuardedStub(_StubTrainer):
+    """_StubTrainer plus what disk_full_guard reads: step, args and a model of one 10x10 float32 weight."""
+
+    def __init__(self, crash=False):
+        super().__init__(crash)
+        self.state = types.SimpleNamespace(global_step=8)
+        self.args = types.SimpleNamespace(save_only_model=False)
+        self.model = torch.nn.Linear(10, 10, bias=False)
+
+
+def test_full_disk_during_the_final_save(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(run_dir.DiskFull) as e:
+        with run_dir.disk_full_guard(_GuardedStub(), str(out), final=True):
+            run_dir.save_model_atomically(_GuardedStub(crash=True), str(out))
+    assert str(e.value).startswith(f"No space left on device while writing the final model to {out / run_dir.FINAL_TMP}"
+                                   " (about 0.0 MB")  # 400 bytes of weights
+    assert not (out / run_dir.FINAL_TMP).exists() and not run_dir.is_complete(out)
+
+
+def test_other_errors_are_not_a_full_disk(tmp_path):
+    """An error during training is not made a full disk by a temporary folder of the final save left from before."""
+    out = tmp_path / "out"
+    (out / run_dir.FINAL_TMP).mkdir(parents=True)
+    with pytest.raises(ValueError, match="a bug"):
+        with run_dir.disk_full_guard(_GuardedStub(), str(out)):
+            raise ValueError("a bug")
+    assert (out / run_dir.FINAL_TMP).is_dir()
