@@ -143,3 +143,26 @@ def test_lock_of_a_killed_run_does_not_block(tiny_model_dir, tmp_path):
     relaunched = run_recipe(cfg, tmp_path)
     assert f"Took over the lock {out / run_dir.LOCK}: its process {proc.pid} is gone" in relaunched.stdout
     assert run_dir.is_complete(out)
+
+
+def test_evaluate_refuses_a_report_folder_in_use(tiny_model_dir, tmp_path):
+    """evaluate.py locks its output folder too: a second evaluation into it exits 2, naming the first."""
+    out = tmp_path / "reports"
+    holder = subprocess.Popen(
+        [PYTHON, "-c", "import sys, run_dir; run_dir.RunLock(sys.argv[1], 'evaluate.py').acquire(); print('held', "
+         "flush=True); sys.stdin.read()", str(out)],
+        cwd=RECIPES, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = subprocess.run(
+            [PYTHON, str(RECIPES / "evaluate.py"), "--sft_model", tiny_model_dir, "--base_model", tiny_model_dir,
+             "--output_dir", str(out),
+             "--test_file", str(ROOT / "data" / "cai_test.jsonl")],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        holder.communicate("", timeout=30)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"is in use by another run: evaluate.py, pid {holder.pid}" in proc.stderr
+    assert "Chat format:" not in proc.stdout  # refused before the tokenizer or any model
