@@ -596,6 +596,18 @@ def same_run_problem(output_dir: str, digest: str) -> str | None:
             "--overwrite_output_dir to replace it.")
 
 
+def same_run_to_replace(output_dir: str, digest: str) -> bool:
+    """`replace_same_run`: True when output_dir holds a finished model this same command trained (to be replaced),
+    False when it holds none; a finished model trained otherwise raises checks.ConfigError."""
+    problem = same_run_problem(output_dir, digest)
+    if problem:
+        raise checks.ConfigError([problem])
+    if is_complete(output_dir):
+        _say(f"replace_same_run: {output_dir} holds a model this same command trained; training it again.")
+        return True
+    return False
+
+
 def mark_complete(output_dir: str, settings: str | None = None) -> None:
     """Write the completion marker last, after every file of the model is on disk; `settings`: the run's
     settings_digest (replace_same_run compares it)."""

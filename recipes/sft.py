@@ -129,14 +129,9 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
     # One run per output_dir: a second run into it is refused, naming the first (run_dir.RunLock).
     lock = run_dir.lock_run(training_args.output_dir, "sft.py", is_main, training_args.world_size)
     settings = settings_digest(script_args, training_args, model_args, data_args, recipe_args)
-    if recipe_args.replace_same_run and not recipe_args.dry_run and not recipe_args.overwrite_output_dir:
-        problem = run_dir.same_run_problem(training_args.output_dir, settings)
-        if problem:
-            raise checks.ConfigError([problem])
-        if run_dir.is_complete(training_args.output_dir):
-            say(f"replace_same_run: {training_args.output_dir} holds a model this same command trained; training "
-                "it again.")
-            recipe_args.overwrite_output_dir = True
+    if recipe_args.replace_same_run and not (recipe_args.dry_run or recipe_args.overwrite_output_dir):
+        # `make demo` again: a finished model this same command trained is replaced; any other one is refused.
+        recipe_args.overwrite_output_dir = run_dir.same_run_to_replace(training_args.output_dir, settings)
     if training_args.bf16 and training_args.device.type == "cpu" and env.cpu_has_bf16() is False:
         say("bf16 on CPU: this CPU has no AVX512-BF16 or AMX, so bf16 is emulated and likely slower than fp32; "
             "set bf16: false to train in fp32")
