@@ -215,6 +215,8 @@ def rules(cfg: dict) -> list[str]:
     for name in REPORTS:
         p += run_dir.file_problems("output_dir", os.path.join(out, name), bool(cfg.get("overwrite_output_dir")),
                                    inputs, own_report, "evaluate.py") if out else []
+    if cfg.get("generations_file"):  # rewritten by every evaluation; never one of the inputs
+        p += run_dir.input_problems("generations_file", cfg["generations_file"], inputs)
     return p
 
 

@@ -10,7 +10,8 @@ its chat template and stop tokens. `--dry_run` runs the same steps and writes pr
 # Demo on CPU (embedded SmolLM2-135M-Instruct, LoRA, bundled data)
 ```bash
 python recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml
-python recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml --dry_run   # preview.jsonl, no weights
+python recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml --dry_run \
+    --output_dir outputs/smollm2-135m-cai-sft-dry-run   # preview.jsonl, no weights; next to the demo's model
 ```
 
 # QLoRA on one GPU, LoRA with DDP, full fine-tune with ZeRO-3

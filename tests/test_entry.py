@@ -362,6 +362,13 @@ def test_evaluate_output_checks_run_before_any_model_loads(tiny_model_dir, data_
     (foreign / "eval_report.json").write_text('{"m_sft": "an earlier evaluation"}')
     evaluate.check_args(evaluate.EvalArguments(sft_model=tiny_model_dir, base_model=tiny_model_dir,
                                                test_file=data_file, output_dir=str(foreign)))  # its own: replaced
+    # the answers file is never one of the inputs
+    data_before = hashes(data_file)
+    args = evaluate.EvalArguments(sft_model=tiny_model_dir, base_model=tiny_model_dir, test_file=data_file,
+                                  output_dir=str(foreign), generations_file=data_file)
+    with pytest.raises(checks.ConfigError, match="generations_file: .* is the input test_file"):
+        evaluate.main(args)
+    assert hashes(data_file) == data_before
 
 
 # ----- tools: convert_gguf.py, make_standin.py
