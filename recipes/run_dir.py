@@ -80,13 +80,19 @@ def input_problems(key: str, output: str, inputs: dict) -> list[str]:
     return p
 
 
+def _read_json(path: str) -> dict | None:
+    """A JSON object file's content, or None (missing, unreadable, cut off, not an object)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            found = json.load(f)
+        return found if isinstance(found, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
 def owner_of(folder: str) -> str | None:
     """The program that created `folder` (its OWNER file), or None."""
-    try:
-        with open(os.path.join(folder, OWNER), encoding="utf-8") as f:
-            return json.load(f).get("program")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return (_read_json(os.path.join(folder, OWNER)) or {}).get("program")
 
 
 def claim(folder: str, program: str) -> None:
@@ -217,15 +223,6 @@ def _alive(pid: int, start: str | None) -> bool:
         return True
     now = _process_start(pid)
     return start is None or now is None or now == start
-
-
-def _read_json(path: str) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            found = json.load(f)
-        return found if isinstance(found, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 class RunLock:
@@ -379,11 +376,7 @@ def lock_run(output: str, program: str, is_main: bool = True, world_size: int = 
 
 def is_complete(output_dir: str) -> bool:
     """Whether output_dir holds a finished run: the marker, written last, parses."""
-    try:
-        with open(os.path.join(output_dir, COMPLETE_MARKER), encoding="utf-8") as f:
-            return bool(json.load(f).get("complete"))
-    except (OSError, ValueError, AttributeError):
-        return False
+    return bool((_read_json(os.path.join(output_dir, COMPLETE_MARKER)) or {}).get("complete"))
 
 
 def _checkpoints(output_dir: str) -> list[str]:
@@ -570,14 +563,6 @@ def save_model_atomically(trainer, output_dir: str) -> None:
     trainer.accelerator.wait_for_everyone()
 
 
-def settings_digest(values: dict, ignore=()) -> str:
-    """SHA-256 of a run's settings (every key but `ignore`): two runs with the same digest are the same command."""
-    import hashlib
-
-    kept = {k: v for k, v in sorted(values.items()) if k not in ignore}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def same_run_problem(output_dir: str, digest: str) -> str | None:
     """`replace_same_run`: None when output_dir holds no finished model, or one this same command trained (its
     marker records the same settings digest); else the refusal."""
@@ -610,7 +595,7 @@ def same_run_to_replace(output_dir: str, digest: str) -> bool:
 
 def mark_complete(output_dir: str, settings: str | None = None) -> None:
     """Write the completion marker last, after every file of the model is on disk; `settings`: the run's
-    settings_digest (replace_same_run compares it)."""
+    settings digest (sft.settings_digest; replace_same_run compares it)."""
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(output_dir, PREEMPTED))  # the run that was stopped has now finished
     files = {}

@@ -403,11 +403,13 @@ def settings_digest(*args) -> str:
     """What makes two runs the same command: every setting, without the switches that only say how to start."""
     from dataclasses import asdict
 
+    import data_cache
+
     values = {}
     for a in args:
         values.update(a.to_dict() if hasattr(a, "to_dict") else asdict(a))
-    return run_dir.settings_digest(values, ignore=("overwrite_output_dir", "replace_same_run", "dry_run",
-                                                   "resume_from_checkpoint", "logging_dir"))
+    ignore = ("overwrite_output_dir", "replace_same_run", "dry_run", "resume_from_checkpoint", "logging_dir")
+    return data_cache.key(**{k: v for k, v in values.items() if k not in ignore})  # the same SHA-256 of JSON
 
 
 def save(trainer, training_args, model_args, script_args, data_args, report, fmt, settings=None):
