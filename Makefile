@@ -49,12 +49,12 @@ ACCELERATE ?= $(PY) -m accelerate.commands.launch
 STANDIN_7B ?= models/mistral-7b-standin
 DRY_RUN_7B = --model_name_or_path $(STANDIN_7B) --dataset_name data/cai_train.jsonl --dataset_train_split train \
 	--dataset_test_split test --output_dir outputs/dry-run/$(basename $(1)) --dry_run
-# $(call launch_7b,accelerate config,recipe,processes)
-launch_7b = $(if $(DRY_RUN),$(PY) recipes/sft.py --config recipes/mistral-7b/$(2) $(call DRY_RUN_7B,$(2)),\
-	$(ACCELERATE) --config_file accelerate_configs/$(1) --num_processes $(3) recipes/sft.py \
+# $(call launch_7b,accelerate config,recipe YAML,processes[,program: sft.py or dpo.py])
+launch_7b = $(if $(DRY_RUN),$(PY) recipes/$(or $(4),sft.py) --config recipes/mistral-7b/$(2) $(call DRY_RUN_7B,$(2)),\
+	$(ACCELERATE) --config_file accelerate_configs/$(1) --num_processes $(3) recipes/$(or $(4),sft.py) \
 	--config recipes/mistral-7b/$(2)) $(ARGS)
 
-.PHONY: train-7b train-7b-lora train-7b-full merge standin-7b
+.PHONY: train-7b train-7b-lora train-7b-full dpo-7b dpo-7b-full merge standin-7b
 train-7b: $(if $(DRY_RUN),standin-7b)
 	$(call launch_7b,single_gpu.yaml,sft_qlora.yaml,1)
 
@@ -63,6 +63,13 @@ train-7b-lora: $(if $(DRY_RUN),standin-7b)
 
 train-7b-full: $(if $(DRY_RUN),standin-7b)
 	$(call launch_7b,deepspeed_zero3.yaml,sft_full.yaml,$(NUM_GPUS))
+
+# The preference stage from the M_SFT above (docs/SCALING.md); DRY_RUN=1 reads the bundled CAI pairs.
+dpo-7b: $(if $(DRY_RUN),standin-7b)
+	$(call launch_7b,single_gpu.yaml,dpo_qlora.yaml,1,dpo.py $(if $(DRY_RUN),--chat_template_path recipes/templates/cai_seed.jinja))
+
+dpo-7b-full: $(if $(DRY_RUN),standin-7b)
+	$(call launch_7b,deepspeed_zero3.yaml,dpo_full.yaml,$(NUM_GPUS),dpo.py $(if $(DRY_RUN),--chat_template_path recipes/templates/cai_seed.jinja))
 
 standin-7b: $(STANDIN_7B)/config.json
 $(STANDIN_7B)/config.json:

@@ -10,6 +10,11 @@ Accepted schemas (per source, `format: auto` detects them):
   messages  a list of {role, content}; the last assistant turn is the target, earlier turns are context
   hh        Anthropic HH text: "\\n\\nHuman: ... \\n\\nAssistant: ..." (column `chosen` or `text`)
 
+Preference rows (recipes/dpo.py: `load_pairs(..., preference=True)`), format `preference`: `chosen` and `rejected`,
+each a string (with a `prompt` column: TRL's prompt/chosen/rejected), a conversation whose last assistant turn is
+the answer (cai-conversation-harmless and generate_revisions.py write [user P, assistant]; TRL's implicit-prompt
+schema), or HH text (Anthropic hh-rlhf). Rows also get a `rejected` message list beside `completion` (= chosen).
+
 Where a source comes from: a local file (.jsonl/.json/.parquet/.csv), `data_files` (one file, a list, or
 {split: file}), a local folder (split files found by `datasets`' naming rules) or a hub dataset id.
 """
@@ -32,7 +37,7 @@ import numpy as np
 import env
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant aligned with constitutional principles."
-FORMATS = ("auto", "cai", "pc", "messages", "hh")
+FORMATS = ("auto", "cai", "pc", "messages", "hh", "preference")
 ROLES = ("system", "user", "assistant")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 # Columns only the cai-conversation-harmless schema has (its target is revision_response).
@@ -613,10 +618,18 @@ def parse_hh(text: str) -> list[dict]:
     ]
 
 
-def detect_format(columns: list[str], source: dict) -> str:
+def detect_format(columns: list[str], source: dict, preference: bool = False) -> str:
     fmt = source.get("format") or "auto"
     if fmt not in FORMATS:
         raise DataError(f"source {source_name(source)}: format '{fmt}' is not one of {FORMATS}.")
+    if preference:
+        if fmt not in ("auto", "preference"):
+            raise DataError(f"source {source_name(source)}: format '{fmt}' holds one answer per prompt; the "
+                            "preference recipe needs `chosen` and `rejected` (format: preference or auto).")
+        return "preference"
+    if fmt == "preference":
+        raise DataError(f"source {source_name(source)}: format 'preference' is for recipes/dpo.py; sft.py trains on "
+                        "one answer per prompt (use `format: messages` with `messages_column: chosen`).")
     if fmt != "auto":
         return fmt
     if source.get("messages_column"):
@@ -651,6 +664,8 @@ def detect_format(columns: list[str], source: dict) -> str:
 
 def _columns_of(fmt: str, source: dict, columns) -> dict[str, str]:
     """{what: column} that a format reads."""
+    if fmt == "preference":
+        return {"chosen": "chosen", "rejected": "rejected"}  # `prompt` is optional (implicit in conversations)
     if fmt == "cai":
         return {"prompt": "prompt" if "prompt" in columns else "init_prompt", "response": "revision_response"}
     if fmt == "pc":
@@ -712,6 +727,65 @@ def _pair(row: dict, fmt: str, source: dict) -> tuple[list[dict], str, int]:
     return context, messages[last]["content"], len(messages) - last - 1
 
 
+def _same_text(a: str, b: str) -> bool:
+    return " ".join(a.split()) == " ".join(b.split())
+
+
+def _preference(row: dict, source: dict) -> tuple[list[dict], str, str]:
+    """(context ending in the user's P, chosen answer, rejected answer) of a preference row, or a RowProblem."""
+    pcol = source.get("prompt_column") or "prompt"
+    prompt, context = row.get(pcol), None
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise RowProblem("prompt empty or whitespace", pcol)
+        context = [{"role": "user", "content": prompt}]
+    elif prompt is not None:
+        problem = _check_messages([*prompt, {"role": "assistant", "content": "."}] if isinstance(prompt, list)
+                                  else prompt, "prompt")  # fmt: skip
+        if problem:
+            raise RowProblem(problem[0], pcol, problem[1])
+        context = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    answers, contexts = [], []
+    for side in ("chosen", "rejected"):
+        value = row.get(side)
+        if value is None:
+            raise RowProblem(f"{side} missing or null", side)
+        if isinstance(value, str) and context is not None:
+            if not value.strip():
+                raise RowProblem(f"{side} empty or whitespace", side)
+            answers.append(value)
+            continue
+        if isinstance(value, str):  # no prompt column: Anthropic HH text holds the whole exchange
+            try:
+                value = parse_hh(value)
+            except ValueError as e:
+                raise RowProblem(f"{side}: a string without a prompt column, and not HH text", side, str(e)) from None
+        # The answer alone ([assistant], TRL's explicit-prompt schema) continues the prompt column's turns.
+        alone = context is not None and isinstance(value, list) and value and isinstance(value[0], dict) \
+            and value[0].get("role") == "assistant"
+        problem = _check_messages([*context, *value] if alone else value, side)
+        if problem:
+            raise RowProblem(problem[0], side, problem[1])
+        last = max(i for i, m in enumerate(value) if m["role"] == "assistant")
+        answers.append(value[last]["content"])
+        contexts.append([{"role": m["role"], "content": m["content"]} for m in value[:last]])
+    if context is None:
+        if len(contexts) == 2 and [m["content"] for m in contexts[0]] != [m["content"] for m in contexts[1]]:
+            raise RowProblem("chosen and rejected continue different conversations", "rejected",
+                             "their turns before the answer differ")
+        context = contexts[0] if contexts else None
+        if not context or context[-1]["role"] != "user":
+            raise RowProblem("no user turn before the answer", "chosen")
+    else:
+        for side, ctx in zip(("chosen", "rejected"), contexts):
+            if ctx and not _same_text(ctx[-1]["content"], context[-1]["content"]):
+                raise RowProblem(f"{side}: its conversation answers another prompt than the `{pcol}` column", side,
+                                 f"last user turn {ctx[-1]['content'][:60]!r}")
+    if _same_text(answers[0], answers[1]):
+        raise RowProblem("chosen and rejected identical", "rejected")
+    return context, answers[0], answers[1]
+
+
 def _missing_columns(fmt: str, source: dict, columns: list[str], name: str, split: str) -> None:
     wanted = _columns_of(fmt, source, columns)
     missing = [c for c in wanted.values() if c not in columns]
@@ -719,6 +793,8 @@ def _missing_columns(fmt: str, source: dict, columns: list[str], name: str, spli
         fix = (
             "`messages_column: <column holding the conversation>`"
             if fmt in ("messages", "hh")
+            else "`chosen` and `rejected` columns (strings with a `prompt` column, or conversations)"
+            if fmt == "preference"
             else "`prompt_column: <column holding P>` and `response_column: <column holding R_revised>`"
         )
         raise DataError(
@@ -732,8 +808,12 @@ def check_row(row: dict, fmt: str, source: dict, system: str | None, exclude_fla
     "completion": [...], "own_system": the row brought its own system turn}. Every schema goes through here."""
     if exclude_flagged and row.get("flags"):
         return None, ("flagged by generate_revisions.py", f"{where} field 'flags': {row['flags']}"), []
+    rejected = None
     try:
-        context, response, ignored = _pair(row, fmt, source)
+        if fmt == "preference":
+            (context, response, rejected), ignored = _preference(row, source), 0
+        else:
+            context, response, ignored = _pair(row, fmt, source)
     except RowProblem as p:
         return None, (p.reason, f"{where} field '{p.column}'" + (f": {p.detail}" if p.detail else "")), []
     init = row.get("init_response") if fmt == "cai" else None
@@ -743,8 +823,10 @@ def check_row(row: dict, fmt: str, source: dict, system: str | None, exclude_fla
     own_system = context[0]["role"] == "system"
     if system and not own_system:
         context = [{"role": "system", "content": system}, *context]
-    return {"prompt": context, "completion": [{"role": "assistant", "content": response}],
-            "own_system": own_system}, None, changes  # fmt: skip
+    example = {"prompt": context, "completion": [{"role": "assistant", "content": response}], "own_system": own_system}
+    if rejected is not None:
+        example["rejected"] = [{"role": "assistant", "content": rejected}]
+    return example, None, changes
 
 
 def _all_dropped(name: str, split: str, n: int, fmt: str, reasons: Counter, report: DataReport) -> DataError:
@@ -793,7 +875,8 @@ def pair_features():
     from datasets import Features, List, Value
 
     return Features({
-        "prompt": _message_list(), "completion": _message_list(), "source": Value("string"), "row": Value("int64"),
+        "prompt": _message_list(), "completion": _message_list(), "rejected": _message_list(),
+        "source": Value("string"), "row": Value("int64"),
         "own_system": Value("bool"), "drop": Value("string"), "at": Value("string"),
         "changes": List({"reason": Value("string"), "at": Value("string")}), "pkey": Value("string"),
         "pkey_hash": Value("int64"), "pair_hash": Value("int64"),
@@ -805,8 +888,8 @@ def _hash64(text: str) -> int:
 
 
 def _normalize_batch(batch, indices, *, part_label, json_text, row_numbers, fmt, source, system, exclude_flagged):
-    out = {k: [] for k in ("prompt", "completion", "source", "row", "own_system", "drop", "at", "changes", "pkey",
-                           "pkey_hash", "pair_hash")}  # fmt: skip
+    out = {k: [] for k in ("prompt", "completion", "rejected", "source", "row", "own_system", "drop", "at", "changes",
+                           "pkey", "pkey_hash", "pair_hash")}  # fmt: skip
     names = list(batch)
     for k, i in enumerate(indices):
         r = int(row_numbers[i]) if row_numbers is not None else i
@@ -821,24 +904,26 @@ def _normalize_batch(batch, indices, *, part_label, json_text, row_numbers, fmt,
         key = prompt_key(example) if example else ""
         out["prompt"].append(example and example["prompt"])
         out["completion"].append(example and example["completion"])
+        out["rejected"].append(example.get("rejected") if example else None)
         out["own_system"].append(bool(example and example["own_system"]))
         out["source"].append(part_label), out["row"].append(r)
         out["drop"].append(dropped and dropped[0]), out["at"].append(dropped and dropped[1])
         out["changes"].append([{"reason": c, "at": a} for c, a in changes])
         out["pkey"].append(key), out["pkey_hash"].append(_hash64(key) if example else 0)
-        out["pair_hash"].append(_hash64(key + "\0" + example["completion"][0]["content"]) if example else 0)
+        answers = example and [example["completion"][0]["content"]] + [m["content"] for m in example.get("rejected") or []]
+        out["pair_hash"].append(_hash64("\0".join([key, *answers])) if example else 0)
     return out
 
 
 def normalize_parts(parts: list[Part], source: dict, split: str, data_args: CAIDataArguments, report: DataReport,
-                    num_proc: int | None = None):
+                    num_proc: int | None = None, preference: bool = False):
     """The Parts of one split to normalized rows (a Dataset with `pair_features`), bad rows dropped and counted:
     `check_row` on every row, as a batched map in `num_proc` workers. Returns (dataset, rows read, format)."""
     import datasets
 
     name = source_name(source)
     columns = sorted({c for part in parts for c in part.columns})
-    fmt = detect_format(columns, source)
+    fmt = detect_format(columns, source, preference)
     _missing_columns(fmt, source, columns, name, split)
     system = none_if_null(source.get("system_prompt", data_args.system_prompt))
     done = []
@@ -1027,7 +1112,7 @@ def _unique_names(sources: list[dict]) -> list[str]:
 
 
 def load_pairs(script_args, data_args: CAIDataArguments, seed: int = 42, num_proc: int | None = None,
-               cache_dir: str | None = None):
+               cache_dir: str | None = None, preference: bool = False):
     """Train and eval datasets of conversational prompt/completion rows, and the report of what was dropped.
 
     Per source: read, validate rows, take its test split (or hold out `eval_fraction` of its unique prompts).
@@ -1035,7 +1120,8 @@ def load_pairs(script_args, data_args: CAIDataArguments, seed: int = 42, num_pro
     by `fraction`, and sample `max_eval_examples`. Everything dropped or left out is counted in the report.
     Every step is a `datasets` operation (map, filter, select); `num_proc` workers check the rows, and `cache_dir`
     is where datasets' loaders put the Arrow files (None: datasets' own cache). Columns of both datasets: prompt,
-    completion (message lists), source, row (where the row came from) and own_system (it had its own system turn).
+    completion (message lists), source, row (where the row came from) and own_system (it had its own system turn);
+    with `preference`, every source is read as preference rows and `rejected` (a message list) is kept too.
     """
     import datasets
 
@@ -1046,12 +1132,12 @@ def load_pairs(script_args, data_args: CAIDataArguments, seed: int = 42, num_pro
     for source, name in zip(sources, names):
         split = _train_split(source)
         train, n_read, fmt = normalize_parts(open_parts(source, split, num_proc, cache_dir), source, split, data_args,
-                                             report, num_proc)
+                                             report, num_proc, preference)
         info = {"path": name, "format": fmt, "train_rows_read": n_read}
         test_split = source.get("test_split", "test")
         if test_split and test_split != split and split_exists(source, test_split):
             held, n_test, _ = normalize_parts(open_parts(source, test_split, num_proc, cache_dir), source, test_split,
-                                              data_args, report, num_proc)
+                                              data_args, report, num_proc, preference)
             info.update(eval_from=f"split '{test_split}'", eval_rows_read=n_test)
         else:
             fraction = source.get("eval_fraction", data_args.eval_fraction)
@@ -1083,7 +1169,7 @@ def load_pairs(script_args, data_args: CAIDataArguments, seed: int = 42, num_pro
             report.sources[name].update(fraction=source["fraction"], train_rows_in_mixture=len(kept))
             if len(kept) < len(part):
                 report.change("train rows left out by mixture fractions", name, len(part) - len(kept))
-    keep = ["prompt", "completion", "source", "row", "own_system"]
+    keep = ["prompt", "completion", *(["rejected"] if preference else []), "source", "row", "own_system"]
     mixed = wrap_jailbreaks([p.dataset().select_columns(keep) for p in mixed], sources, names, seed, report, num_proc)
     train = datasets.concatenate_datasets(mixed)
     held = datasets.concatenate_datasets([p.dataset().select_columns(keep) for p in evals])

@@ -320,8 +320,8 @@ def _path_problems(cfg) -> list[str]:
 
 
 def input_paths(cfg: dict) -> dict:
-    """{key: path} of what sft.py reads: the model, data files and folders, the chat template, the DeepSpeed config."""
-    inputs = {k: cfg.get(k) for k in ("model_name_or_path", "dataset_name", "chat_template_path", "deepspeed")
+    """{key: path} of what sft.py (dpo.py) reads: the models, data files and folders, the chat template, DeepSpeed."""
+    inputs = {k: cfg.get(k) for k in ("model_name_or_path", "base_model", "dataset_name", "chat_template_path", "deepspeed")
               if isinstance(cfg.get(k), str)}
     for i, s in enumerate(cfg.get("datasets") or []):
         s = {"path": s} if isinstance(s, str) else s if isinstance(s, dict) else {}

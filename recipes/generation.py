@@ -23,6 +23,16 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(eos_ids)
 
 
+def set_generation_defaults(config, fmt, recipe_args) -> None:
+    """What a trained model's generation_config.json carries: every stop token of the family (Phi-3: <|end|> and
+    <|endoftext|>) and the deployment's defaults (repetition_penalty, no_repeat_ngram_size) when set."""
+    known = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    config.eos_token_id = list(dict.fromkeys([*fmt.stop_token_ids, *(i for i in known if i is not None)]))
+    for key in ("repetition_penalty", "no_repeat_ngram_size"):
+        if getattr(recipe_args, key) is not None:
+            setattr(config, key, getattr(recipe_args, key))
+
+
 def stopped_cleanly(new_token_ids, eos_ids) -> bool:
     """True when the generated tokens hold a stop token, i.e. the answer ended before max_new_tokens."""
     return any(int(t) in set(eos_ids) for t in new_token_ids)

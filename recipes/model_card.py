@@ -60,10 +60,11 @@ def quick_start(out: str, base: str, is_adapter: bool, system_prompt: str | None
     return ["```python", *load, "```"]
 
 
-def card(out: str, args, model_args, data_args, dataset: list[str], report, fmt=None) -> str:
-    """The card's text. `args` is the SFTConfig, `model_args` TRL's ModelConfig, `dataset` the source names."""
-    base = model_args.model_name_or_path
-    is_adapter = bool(model_args.use_peft)
+def card(out: str, args, model_args, data_args, dataset: list[str], report, fmt=None, stage: dict | None = None) -> str:
+    """The card's text. `args` is the SFTConfig (DPOConfig), `model_args` TRL's ModelConfig, `dataset` the source
+    names; `stage` is dpo.py's {sft_model, base_model (None: M_SFT is a full model), beta, loss_type}."""
+    base = model_args.model_name_or_path if not stage else stage["base_model"] or stage["sft_model"]
+    is_adapter = bool(model_args.use_peft) if not stage else bool(stage["base_model"] or model_args.use_peft)
     method = "QLoRA" if model_args.load_in_4bit else "LoRA" if is_adapter else "full fine-tune"
     hyper = {
         "method": method,
@@ -76,13 +77,15 @@ def card(out: str, args, model_args, data_args, dataset: list[str], report, fmt=
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "world_size": args.world_size,
         "max_length": args.max_length,
-        "packing": args.packing,
+        "packing": getattr(args, "packing", False),
         "seed": args.seed,
+        **({"beta": stage["beta"], "loss_type": stage["loss_type"]} if stage else {}),
     }
     if is_adapter:
         hyper.update(lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout)
     front = ["---", *([f"base_model: {base}"] if hub_id(base) else []),
-             f"library_name: {'peft' if is_adapter else 'transformers'}", "tags: [trl, sft, constitutional-ai]", "---"]
+             f"library_name: {'peft' if is_adapter else 'transformers'}",
+             f"tags: [trl, {'dpo' if stage else 'sft'}, constitutional-ai]", "---"]
     name = os.path.basename(os.path.abspath(out))
     what = "a LoRA adapter on" if is_adapter else "a fine-tune of"
     lines = [
@@ -91,7 +94,10 @@ def card(out: str, args, model_args, data_args, dataset: list[str], report, fmt=
         f"# {name}",
         "",
         f"M_SFT of the Constitutional AI recipe: {what} {ref(base)} (M_base), trained with TRL's `SFTTrainer` "
-        "(recipes/sft.py) on constitutionally revised responses.",
+        "(recipes/sft.py) on constitutionally revised responses." if not stage else
+        f"M_DPO of the Constitutional AI recipe: the preference stage after M_SFT {ref(stage['sft_model'])}, "
+        f"{what} {ref(base)} (M_base), trained with TRL's `DPOTrainer` (recipes/dpo.py; reference model: M_SFT) "
+        "on (chosen, rejected) answer pairs.",
         "",
         "## Quick start (offline)",
         "",
@@ -101,13 +107,14 @@ def card(out: str, args, model_args, data_args, dataset: list[str], report, fmt=
         f"(docs/EVALUATION.md): `python recipes/evaluate.py --sft_model {out} --base_model {base} "
         "--test_file data/cai_test.jsonl --benign_file data/helpful_test.jsonl`.",
         "",
-        "## Constitutional AI SFT",
+        "## Constitutional AI " + ("preference stage (DPO)" if stage else "SFT"),
         "",
         f"- Base model (M_base): {ref(base)}",
+        *([f"- Starting point and reference model (M_SFT): {ref(stage['sft_model'])}"] if stage else []),
         f"- Data: {', '.join(ref(d, 'datasets/') for d in dataset)} "
         f"({report.counts.get('train_examples_tokenized')} train / {report.counts.get('eval_examples_tokenized')} eval)",
         f"- System prompt: `{data_args.system_prompt}`" + (f" ({MODES[fmt.mode]})" if fmt else ""),
-        f"- End-of-turn token: `{args.eos_token}`; loss on the response and that token only"
+        f"- End-of-turn token: `{fmt.end_of_turn if fmt else args.eos_token}`; loss on the response and that token only"
         + (f"; stop tokens {fmt.stop_token_ids} in generation_config.json" if fmt else ""),
         "- Hyperparameters:",
         *[f"  - {k}: {v}" for k, v in hyper.items()],
@@ -119,9 +126,9 @@ def card(out: str, args, model_args, data_args, dataset: list[str], report, fmt=
     return "\n".join(lines)
 
 
-def write(trainer, model_args, data_args, dataset: list[str], report, fmt=None) -> str:
+def write(trainer, model_args, data_args, dataset: list[str], report, fmt=None, stage: dict | None = None) -> str:
     """Write output_dir/README.md (replacing the one PEFT writes); returns its path."""
     out = trainer.args.output_dir
     path = os.path.join(out, "README.md")
-    run_dir.write_text(path, card(out, trainer.args, model_args, data_args, dataset, report, fmt))
+    run_dir.write_text(path, card(out, trainer.args, model_args, data_args, dataset, report, fmt, stage))
     return path

@@ -157,15 +157,16 @@ def file_problems(key: str, path: str, overwrite: bool, inputs: dict | None = No
 
 
 def training_output_problems(output_dir: str, overwrite: bool, dry_run: bool, inputs: dict | None = None,
-                             replace_same_run: bool = False) -> list[str]:
-    """sft.py's output_dir: a finished model is never replaced silently, and never touched by a dry run.
+                             replace_same_run: bool = False, program: str = "sft.py") -> list[str]:
+    """A training program's output_dir (sft.py, dpo.py): a finished model is never replaced silently, and never
+    touched by a dry run.
     With `replace_same_run` the finished model is judged later, by `same_run_problem` (it needs the settings)."""
     if not output_dir:
         return []
     if dry_run and is_complete(output_dir):
         return [f"output_dir: {output_dir} holds a finished model ({COMPLETE_MARKER}); a dry run never writes into "
                 f"it. Give the dry run another output_dir (e.g. --output_dir {output_dir.rstrip('/')}-dry-run)."]
-    p = folder_problems("output_dir", output_dir, "sft.py", overwrite, inputs, SFT_OWN)
+    p = folder_problems("output_dir", output_dir, program, overwrite, inputs, SFT_OWN)
     problem = None if p else output_dir_problem(output_dir, overwrite or (replace_same_run and is_complete(output_dir)))
     return p + ([problem] if problem else [])
 
@@ -727,6 +728,23 @@ def _render_labels(tokenizer, ids, labels, color: bool) -> str:
     return "".join(f"[[{s}]]" if tr else s for tr, s in out)
 
 
+def _write_preference_preview(path, train_ds, shown, tokenizer) -> str:
+    """dpo.py's preview: both sequences of each pair as DPOTrainer trains them, labels -100 on the prompt."""
+    def sequences(ex):
+        p = ex["expected_prompt_ids"]
+        return {side: {"input_ids": p + ex[f"expected_{side}_ids"], "labels": [-100] * len(p) + ex[f"expected_{side}_ids"]}
+                for side in ("chosen", "rejected")}  # fmt: skip
+
+    write_text(path, (json.dumps({**sequences(ex), "source": ex["source"], "row": ex["row"]}) + "\n" for ex in shown))
+    first = sequences(train_ds[0])
+    for side in ("chosen", "rejected"):
+        print(f"\nFirst pair, {side} (trained tokens highlighted; the prompt is never trained):")
+        print(_render_labels(tokenizer, first[side]["input_ids"], first[side]["labels"], sys.stdout.isatty()))
+    more = "" if len(shown) == len(train_ds) else " (preview_examples; preview_all: true writes every one)"
+    print(f"Dry run: wrote {len(shown)} of {len(train_ds)} pairs to {path}{more}; no weights were loaded.")
+    return path
+
+
 def write_preview(train_ds, tokenizer, training_args, model_args, report, limit: int | None = None) -> str:
     """preview.jsonl: {"input_ids", "labels", "source", "row"} of the first `limit` training examples (all when
     None), exactly as the collator receives them; the statistics printed cover every example."""
@@ -734,6 +752,8 @@ def write_preview(train_ds, tokenizer, training_args, model_args, report, limit:
 
     path = os.path.join(training_args.output_dir, "preview.jsonl")
     shown = train_ds if limit is None or limit >= len(train_ds) else train_ds.select(range(limit))
+    if "expected_chosen_ids" in train_ds.column_names:
+        return _write_preference_preview(path, train_ds, shown, tokenizer)
     write_text(path, (json.dumps({"input_ids": ex["input_ids"], "labels": ex["labels"], "source": ex["source"],
                                   "row": ex["row"]}) + "\n" for ex in shown))
     longest = 0

@@ -40,6 +40,7 @@ import chat_format  # noqa: E402
 import checks  # noqa: E402
 import entry  # noqa: E402
 import env  # noqa: E402
+import generation  # noqa: E402
 import run_dir  # noqa: E402
 import model_card  # noqa: E402
 import quiet  # noqa: E402
@@ -107,16 +108,16 @@ def make_parser(*more):
     return parser
 
 
-def output_problems(cfg: dict) -> list[str]:
+def output_problems(cfg: dict, program: str = "sft.py") -> list[str]:
     """The output guard on output_dir (a finished model, foreign files, an input folder), before anything loads."""
     return run_dir.training_output_problems(cfg.get("output_dir"), bool(cfg.get("overwrite_output_dir")),
                                             bool(cfg.get("dry_run")), checks.input_paths(cfg),
-                                            bool(cfg.get("replace_same_run")))
+                                            bool(cfg.get("replace_same_run")), program)
 
 
-def rules(cfg: dict) -> list[str]:
+def rules(cfg: dict, program: str = "sft.py") -> list[str]:
     """What entry.parse checks on the parsed values: every config rule, then the output guard."""
-    return checks.config_problems(cfg, int(os.environ.get("WORLD_SIZE", "1"))) + output_problems(cfg)
+    return checks.config_problems(cfg, int(os.environ.get("WORLD_SIZE", "1"))) + output_problems(cfg, program)
 
 
 def main(script_args, training_args, model_args, data_args, recipe_args):
@@ -182,13 +183,8 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
             row = eval_rows[picked["i"]]
             sample_rows.append({**row, "prompt": fmt.prompt_messages(row["prompt"])})
     trainer = build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, eval_ds, sample_rows)
-    # Every stop token of the family (Phi-3: <|end|> and <|endoftext|>) goes into the saved generation_config.
-    config = trainer.model.generation_config
-    known = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    config.eos_token_id = list(dict.fromkeys([*fmt.stop_token_ids, *(i for i in known if i is not None)]))
-    for key in ("repetition_penalty", "no_repeat_ngram_size"):  # the deployment's generation defaults
-        if getattr(recipe_args, key) is not None:
-            setattr(config, key, getattr(recipe_args, key))
+    # Every stop token of the family (Phi-3: <|end|> and <|endoftext|>) and the deployment's generation defaults.
+    generation.set_generation_defaults(trainer.model.generation_config, fmt, recipe_args)
     # Preemption: on SIGTERM/SIGUSR1 every rank finishes the step, checkpoint-N is saved, and the run exits 75.
     stop = callbacks.StopOnSignal(trainer.accelerator, checks.signal_names(recipe_args.stop_signals))
     trainer.add_callback(stop)

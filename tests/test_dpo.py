@@ -1,0 +1,181 @@
+"""The preference stage: preference schemas in cai_data, recipes/dpo.py (dry run and a real run from an M_SFT
+adapter), and tools/collect_pairs.py (on-policy pairs)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PYTHON, ROOT, cai_row, run_recipe, tiny_config, toy_cai_rows, write_jsonl
+
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import cai_data  # noqa: E402
+import chat_format  # noqa: E402
+
+SYSTEM = "You are a helpful assistant aligned with constitutional principles."
+
+
+def load(tmp_path, rows, **source):
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    data_args = cai_data.CAIDataArguments(datasets=[{"path": path, "eval_fraction": 0.0, **source}])
+    from trl import ScriptArguments
+
+    train, _, report = cai_data.load_pairs(ScriptArguments(dataset_name=None), data_args, preference=True)
+    return train.to_list(), report
+
+
+def test_every_preference_schema_gives_the_same_pair(tmp_path):
+    p, good, bad = "How do I hotwire a car?", "I can't help with that.", "Sure: strip the wires."
+    schemas = [
+        {"prompt": p, "chosen": good, "rejected": bad},  # TRL's standard, strings
+        {"prompt": p, "chosen": [{"role": "assistant", "content": good}],
+         "rejected": [{"role": "assistant", "content": bad}]},  # TRL's conversational, explicit prompt
+        {"chosen": [{"role": "user", "content": p}, {"role": "assistant", "content": good}],
+         "rejected": [{"role": "user", "content": p}, {"role": "assistant", "content": bad}]},  # implicit prompt
+        cai_row(p, good, bad),  # cai-conversation-harmless / generate_revisions.py
+        {"chosen": f"\n\nHuman: {p}\n\nAssistant: {good}", "rejected": f"\n\nHuman: {p}\n\nAssistant: {bad}"},  # HH
+    ]
+    for k, row in enumerate(schemas):
+        [got], _ = load(tmp_path, [row])
+        assert got["prompt"] == [{"role": "system", "content": cai_data.DEFAULT_SYSTEM_PROMPT},
+                                 {"role": "user", "content": p}], k
+        assert got["completion"] == [{"role": "assistant", "content": good}], k
+        assert got["rejected"] == [{"role": "assistant", "content": bad}], k
+
+
+def test_bad_preference_rows_are_dropped_and_counted_with_their_line(tmp_path):
+    ok = {"prompt": "Q0", "chosen": "good answer", "rejected": "bad answer"}
+    rows = [
+        ok,
+        {"prompt": "Q1", "chosen": "same", "rejected": " same "},
+        {"prompt": "Q2", "chosen": "good"},
+        {"chosen": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "x"}],
+         "rejected": [{"role": "user", "content": "B"}, {"role": "assistant", "content": "y"}]},
+        {"prompt": "Q4", "chosen": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "x"}],
+         "rejected": "y"},
+        {"prompt": "", "chosen": "a", "rejected": "b"},
+    ]
+    train, report = load(tmp_path, rows)
+    assert [r["row"] for r in train] == [0]
+    assert report.dropped == {
+        "chosen and rejected identical": 1,
+        "rejected missing or null": 1,
+        "chosen and rejected continue different conversations": 1,
+        "chosen: its conversation answers another prompt than the `prompt` column": 1,
+        "prompt empty or whitespace": 1,
+    }
+    where = report.locations["chosen and rejected identical"][0]
+    assert where.endswith("prefs.jsonl row 1 field 'rejected'"), where
+
+
+def test_sft_schema_refused_by_the_preference_loader_and_back(tmp_path):
+    path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Q", "completion": "A"}] * 3)
+    from trl import ScriptArguments
+
+    with pytest.raises(cai_data.DataError, match=r"required column\(s\) \['chosen', 'rejected'\] missing"):
+        cai_data.load_pairs(ScriptArguments(dataset_name=path), cai_data.CAIDataArguments(), preference=True)
+    with pytest.raises(cai_data.DataError, match="format 'preference' is for recipes/dpo.py"):
+        cai_data.load_pairs(ScriptArguments(dataset_name=path), cai_data.CAIDataArguments(data_format="preference"))
+
+
+def test_dry_run_prompt_ids_are_the_inference_ids_and_never_trained(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    data = write_jsonl(tmp_path / "d.jsonl", toy_cai_rows(12))
+    out = tmp_path / "dry"
+    cfg = tiny_config(tiny_model_dir, data, out, data_format="preference", system_prompt=SYSTEM, eval_fraction=0.0,
+                      eval_strategy="no")
+    proc = run_recipe(cfg, tmp_path, "--dry_run", script="dpo.py")
+    assert "the prompt is never trained" in proc.stdout
+    rows = [json.loads(line) for line in (out / "preview.jsonl").read_text().splitlines()]
+    assert len(rows) == 12
+    # Independent oracle: the model's own template (a fresh tokenizer, never wrapped) renders the inference prompt.
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    originals = {r["prompt"]: r for r in toy_cai_rows(12)}
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            seq = row[side]
+            n_prompt = next(i for i, lab in enumerate(seq["labels"]) if lab != -100)
+            text = tok.decode(seq["input_ids"][:n_prompt])
+            user = next(p for p in originals if p in text)
+            expected = tok.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
+                                               add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            assert seq["input_ids"][:n_prompt] == list(expected)
+            assert all(lab == -100 for lab in seq["labels"][:n_prompt])
+            answer = originals[user]["revision_response" if side == "chosen" else "init_response"]
+            trained = tok.decode([t for t in seq["labels"] if t != -100])
+            assert trained.startswith(answer + "<|im_end|>"), trained
+
+
+def test_dpo_from_an_sft_adapter_continues_it_against_m_sft(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", toy_cai_rows(16))
+    sft_out = tmp_path / "sft"
+    run_recipe(tiny_config(tiny_model_dir, data, sft_out, use_peft=True, lora_r=4, lora_alpha=8,
+                           lora_target_modules=["q_proj", "v_proj"], eval_strategy="no"), tmp_path)
+    dpo_out = tmp_path / "dpo"
+    cfg = tiny_config(str(sft_out), data, dpo_out, data_format="preference", max_steps=3, learning_rate=1e-2,
+                      eval_fraction=0.25, eval_steps=3, per_device_train_batch_size=2, beta=0.1,
+                      no_repeat_ngram_size=4, eval_on_start=True)
+    proc = run_recipe(cfg, tmp_path, script="dpo.py")
+    assert f"LoRA adapter on {tiny_model_dir}" in proc.stdout and "reference model" in proc.stdout
+    assert (dpo_out / "adapter_model.safetensors").is_file() and not (dpo_out / "ref").exists()
+    adapter = json.loads((dpo_out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == tiny_model_dir and adapter["r"] == 4  # M_SFT's adapter, continued
+    gen = json.loads((dpo_out / "generation_config.json").read_text())
+    assert gen["no_repeat_ngram_size"] == 4
+    card = (dpo_out / "README.md").read_text()
+    assert "M_DPO" in card and str(sft_out) in card and tiny_model_dir in card and "beta: 0.1" in card
+    assert json.loads((dpo_out / "cai_sft_complete.json").read_text())["complete"]
+    history = json.loads((dpo_out / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "eval_loss" in h][:1] == [0]  # eval_on_start: M_SFT is the "before"
+    # The weights moved away from M_SFT's adapter.
+    from safetensors.torch import load_file
+
+    before, after = load_file(sft_out / "adapter_model.safetensors"), load_file(dpo_out / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    assert any((before[k] - after[k]).abs().max() > 0 for k in before)
+    # replace_same_run: the same command replaces its own model; other settings are refused.
+    refused = run_recipe({**cfg, "replace_same_run": True, "beta": 0.5}, tmp_path, script="dpo.py", check=False)
+    assert refused.returncode == 2 and "other settings" in refused.stderr
+    plain = run_recipe(cfg, tmp_path, script="dpo.py", check=False)
+    assert plain.returncode == 2 and "already holds a finished model" in plain.stderr
+
+
+def test_collect_pairs_turns_own_refusals_and_compliances_into_rejected(tmp_path, tiny_model_dir):
+    benign = write_jsonl(tmp_path / "benign.jsonl", [{"prompt": f"Name a fruit {i}", "completion": "An apple."}
+                                                     for i in range(4)])
+    red = write_jsonl(tmp_path / "red.jsonl", toy_cai_rows(3))
+    out = tmp_path / "pairs.jsonl"
+    cmd = [PYTHON, str(ROOT / "tools" / "collect_pairs.py"), "--model", tiny_model_dir, "--benign_file", benign,
+           "--redteam_file", red, "--output", str(out), "--max_new_tokens", "6", "--batch_size", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    summary = json.loads((tmp_path / "pairs.jsonl.summary.json").read_text())
+    # A random tiny model never opens with a refusal: every red-team answer is a compliance; no benign pair.
+    kinds = summary["kinds"]
+    assert kinds == {"red-team: own compliance": 3, "red-team: critique pass": 3}, kinds
+    assert summary["answers"] == {"benign": {"prompts": 4, "declined": 0}, "redteam": {"prompts": 3, "declined": 0}}
+    for p in pairs:
+        assert p["chosen"].startswith("I can't help with breaking into homes")
+    # A re-run replaces its own output; a file it did not write is refused.
+    assert subprocess.run(cmd, capture_output=True, cwd=ROOT, timeout=600).returncode == 0
+    foreign = tmp_path / "mine.jsonl"
+    foreign.write_text("keep me\n")
+    cmd[cmd.index(str(out))] = str(foreign)
+    refused = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert refused.returncode == 2 and "was not written by collect_pairs.py" in refused.stdout + refused.stderr
+    assert foreign.read_text() == "keep me\n"
+
+
+def test_refusal_pairs_from_collect_pairs_reach_dpo(tmp_path):
+    """The collector's output schema is one dpo.py reads: prompt/chosen/rejected strings plus bookkeeping columns."""
+    rows = [{"from_file": "x", "from_row": i, "prompt": f"Name a fruit {i}", "chosen": "An apple.", "rejected":
+             "I won't help with that.", "kind": "benign: own refusal"} for i in range(3)]
+    train, report = load(tmp_path, rows)
+    assert len(train) == 3 and not report.dropped

@@ -1,0 +1,176 @@
+"""On-policy preference pairs for recipes/dpo.py: M_SFT answers prompts, and its own mistakes become `rejected`.
+
+- Benign prompts with a reference answer (prompt/completion rows, e.g. data/helpful_train.jsonl): M_SFT answers
+  each; where its answer opens by declining (recipes/refusal.py, no judge), the pair is
+  (reference answer ≻ M_SFT's own refusal). This is the pair that teaches the distinction SFT could not: the
+  refusal it really writes, not a fixed sentence (a fixed sentence teaches "never open with a refusal").
+- Red-team prompts with a revision (cai-conversation-harmless rows, e.g. data/cai_train.jsonl): M_SFT answers each;
+  where it does NOT decline, the pair is (revision ≻ M_SFT's answer). With `cai_pairs` (default on), every red-team
+  row also gives the critique pass's own pair (revision ≻ init_response), which keeps harmful prompts refused.
+
+Answers are greedy, with the system prompt M_SFT was trained with and the generation_config saved with it. Output:
+a jsonl of {prompt, chosen, rejected, kind, from_file, from_row} (dpo.py reads it: `format: preference`) and, beside it,
+`<output>.summary.json` with the counts per kind and the refusal rates M_SFT showed.
+
+```bash
+python tools/collect_pairs.py --config recipes/smollm2-135m/pairs_demo.yaml
+python tools/collect_pairs.py --model outputs/smollm2-135m-cai-sft --benign_file data/helpful_train.jsonl \
+    --redteam_file data/cai_train.jsonl --output outputs/smollm2-135m-cai-pairs.jsonl
+```
+"""
+
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes"))
+
+import cai_data  # noqa: E402
+import checks  # noqa: E402
+import entry  # noqa: E402
+import generation  # noqa: E402
+import quiet  # noqa: E402
+import refusal  # noqa: E402
+import run_dir  # noqa: E402
+
+
+@dataclass
+class PairArguments:
+    model: str = field(default="outputs/smollm2-135m-cai-sft", metadata={"help": "M_SFT: sft.py's output_dir."})
+    base_model: str | None = field(default=None, metadata={"help": "M_base when M_SFT is an adapter (default: the "
+                                                           "base its adapter_config.json names)."})
+    benign_file: str | None = field(default="data/helpful_train.jsonl",
+                                    metadata={"help": "Benign prompts with reference answers (prompt/completion)."})
+    redteam_file: str | None = field(default="data/cai_train.jsonl",
+                                     metadata={"help": "Red-team prompts with revisions (cai-conversation-harmless)."})
+    output: str = field(default="outputs/smollm2-135m-cai-pairs.jsonl", metadata={"help": "The pairs (jsonl)."})
+    system_prompt: str | None = field(default=cai_data.DEFAULT_SYSTEM_PROMPT,
+                                      metadata={"help": "As in M_SFT's training; null for none."})
+    cai_pairs: bool = field(default=True, metadata={"help": "Also write (revision ≻ init_response) per red-team row."})
+    max_benign: int | None = field(default=None, metadata={"help": "A seeded sample of this many benign rows."})
+    max_redteam: int | None = field(default=None, metadata={"help": "A seeded sample of this many red-team rows."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Length of M_SFT's answers (a refusal is short)."})
+    batch_size: int = field(default=16)
+    seed: int = field(default=42)
+    overwrite_output: bool = field(default=False, metadata={"help": "Replace an --output this tool did not write."})
+
+    def __post_init__(self):
+        self.system_prompt = cai_data.none_if_null(self.system_prompt)
+
+
+def problems(cfg: dict) -> list[str]:
+    p = checks.range_problems(cfg)
+    if not os.path.isfile(os.path.join(cfg["model"], "config.json")) and not os.path.isfile(
+            os.path.join(cfg["model"], "adapter_config.json")):
+        p.append(f"model: {cfg['model']} holds no model (config.json) or adapter (adapter_config.json); point it at "
+                 "sft.py's output_dir (`make demo` writes outputs/smollm2-135m-cai-sft).")
+    for key in ("benign_file", "redteam_file"):
+        if cfg.get(key) and not os.path.isfile(cfg[key]):
+            p.append(f"{key}: {cfg[key]} does not exist{checks.where(cfg[key])}. Fix the path, or null to skip it.")
+    if not cfg.get("benign_file") and not cfg.get("redteam_file"):
+        p.append("benign_file / redteam_file: both unset; give at least one.")
+    inputs = {k: cfg.get(k) for k in ("model", "benign_file", "redteam_file")}
+    return p + run_dir.file_problems("output", cfg.get("output"), bool(cfg.get("overwrite_output")), inputs,
+                                     is_own=written_here, program="collect_pairs.py")
+
+
+def written_here(path: str) -> bool:
+    """Whether `path` is pairs this tool wrote (its summary beside it says so): a re-run may replace them."""
+    try:
+        with open(path + ".summary.json", encoding="utf-8") as f:
+            return json.load(f).get("written_by") == "collect_pairs.py"
+    except (OSError, ValueError):
+        return False
+
+
+def read_rows(path: str, fmt: str, limit: int | None, seed: int, report) -> list[dict]:
+    """Normalized rows (prompt messages without a system turn, completion) with their raw rows, sampled."""
+    source = {"path": path, "format": fmt}
+    raw = cai_data.read_split(source, "train")
+    rows = cai_data.normalize(raw, source, "train", cai_data.CAIDataArguments(system_prompt=None), report)
+    for r in rows:
+        r["raw"] = raw[r["row"]]
+    if limit is not None and len(rows) > limit:
+        rows = sorted(random.Random(seed).sample(rows, limit), key=lambda r: r["row"])
+    return rows
+
+
+def load(args: PairArguments):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    adapter = os.path.join(args.model, "adapter_config.json")
+    if os.path.isfile(adapter):
+        from peft import PeftModel
+
+        with open(adapter, encoding="utf-8") as f:
+            base = args.base_model or json.load(f)["base_model_name_or_path"]
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
+        model = PeftModel.from_pretrained(model, args.model).merge_and_unload()  # merged: as fast as M_base on CPU
+        model.generation_config = GenerationConfig.from_pretrained(args.model)  # the saved stop tokens, defaults
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, use_safetensors=True)
+    return model.eval(), tokenizer
+
+
+def collect(args: PairArguments) -> str:
+    lock = run_dir.RunLock(args.output, "collect_pairs.py", inside=False)
+    lock.acquire()
+    started = time.time()
+    report = cai_data.DataReport()
+    model, tokenizer = load(args)
+    system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+    pairs, stats = [], {}
+    for kind, path, fmt in (("benign", args.benign_file, "pc"), ("redteam", args.redteam_file, "cai")):
+        if not path:
+            continue
+        rows = read_rows(path, fmt, args.max_benign if kind == "benign" else args.max_redteam, args.seed, report)
+        answers = [a["answer"] for a in generation.generate_answers(
+            model, tokenizer, [system + r["prompt"] for r in rows], args.max_new_tokens, args.batch_size,
+            progress=True, desc=f"M_SFT answers {kind} prompts")]
+        declined = [refusal.is_refusal(a) for a in answers]
+        stats[kind] = {"prompts": len(rows), "declined": sum(declined)}
+        for r, answer, no in zip(rows, answers, declined):
+            where = {"prompt": r["prompt"][-1]["content"], "from_file": path, "from_row": r["row"]}
+            reference = r["completion"][0]["content"]
+            if kind == "benign" and no:
+                pairs.append({**where, "chosen": reference, "rejected": answer, "kind": "benign: own refusal"})
+            if kind == "redteam" and not no and answer.strip():
+                pairs.append({**where, "chosen": reference, "rejected": answer, "kind": "red-team: own compliance"})
+            init = r["raw"].get("init_response")
+            if kind == "redteam" and args.cai_pairs and isinstance(init, str) and init.strip():
+                pairs.append({**where, "chosen": reference, "rejected": init, "kind": "red-team: critique pass"})
+    kinds = {}
+    for p in pairs:
+        kinds[p["kind"]] = kinds.get(p["kind"], 0) + 1
+    run_dir.write_text(args.output, (json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    summary = {"written_by": "collect_pairs.py", "model": args.model, "system_prompt": args.system_prompt, "pairs": len(pairs), "kinds": kinds,
+               "answers": stats, "refusal_rates": refusal.rates(
+                   [True] * stats["redteam"]["declined"] + [False] * (stats["redteam"]["prompts"] -
+                                                                      stats["redteam"]["declined"])
+                   if "redteam" in stats else None,
+                   [True] * stats["benign"]["declined"] + [False] * (stats["benign"]["prompts"] -
+                                                                     stats["benign"]["declined"])
+                   if "benign" in stats else None),
+               "dropped_input_rows": dict(report.dropped), "seconds": round(time.time() - started)}  # fmt: skip
+    run_dir.write_text(args.output + ".summary.json", json.dumps(summary, indent=2))
+    print(f"Wrote {len(pairs)} pairs to {args.output}: " + ", ".join(f"{k} {v}" for k, v in kinds.items()))
+    for kind, s in stats.items():
+        print(f"  M_SFT declined {s['declined']} of {s['prompts']} {kind} prompts")
+    lock.release()
+    return args.output
+
+
+def main(argv=None):
+    from trl import TrlParser
+
+    return entry.run(collect, TrlParser((PairArguments,)), problems, argv)
+
+
+if __name__ == "__main__":
+    quiet.setup()
+    main()
