@@ -6,7 +6,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
 MODEL_DIR ?= models/SmolLM2-135M-Instruct
 
-.PHONY: install model demo test dry-run generate eval
+.PHONY: install model demo demo-rlaif test dry-run generate eval
 install:
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
@@ -22,6 +22,17 @@ $(MODEL_DIR)/model.safetensors:
 demo: model
 	$(PY) recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml $(DEMO_ARGS)
 	$(PY) recipes/evaluate.py --config recipes/smollm2-135m/eval_demo.yaml $(EVAL_ARGS)
+
+# The preference stage after `make demo` (docs/EVALUATION.md): M_SFT answers benign and red-team prompts, its own
+# refusals and compliances become `rejected` (tools/collect_pairs.py), DPO from M_SFT (recipes/dpo.py), then the
+# demo's evaluation with M_base, M_SFT and M_DPO side by side (report in the M_DPO folder).
+# PAIRS_ARGS / DPO_ARGS / EVAL_ARGS add overrides.
+DPO_DIR ?= outputs/smollm2-135m-cai-dpo
+demo-rlaif: model
+	$(PY) tools/collect_pairs.py --config recipes/smollm2-135m/pairs_demo.yaml $(PAIRS_ARGS)
+	$(PY) recipes/dpo.py --config recipes/smollm2-135m/dpo_demo.yaml $(DPO_ARGS)
+	$(PY) recipes/evaluate.py --config recipes/smollm2-135m/eval_demo.yaml --dpo_model $(DPO_DIR) \
+		--output_dir $(DPO_DIR) $(EVAL_ARGS)
 
 # The preview goes next to the demo's model, never into it.
 DRY_RUN_DIR ?= outputs/smollm2-135m-cai-sft-dry-run

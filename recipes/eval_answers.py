@@ -18,7 +18,12 @@ import generation  # noqa: E402
 import refusal  # noqa: E402
 
 
-MODELS = ("M_base", "M_SFT")
+MODELS = ("M_base", "M_SFT", "M_DPO")  # in table order; M_DPO only when evaluate.py is given dpo_model
+
+
+def models_of(d: dict) -> list[str]:
+    """The models present in a metrics mapping or a generation item, in table order."""
+    return [m for m in MODELS if m in d]
 
 
 # Generation sets and their metric prefixes.
@@ -124,7 +129,7 @@ def parse_judge(text: str) -> dict | None:
 
 def judge_all(items: list[dict], args) -> None:
     """Adds `judge` (parsed) or `judge_unparsed` (the raw reply) to each model's answer; raises EndpointError."""
-    jobs = [(it, m) for it in items for m in MODELS]
+    jobs = [(it, m) for it in items for m in models_of(it)]
 
     def ask(job):
         it, m = job

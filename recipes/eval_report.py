@@ -8,7 +8,7 @@ from collections import Counter
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules
 
 import run_dir  # noqa: E402
-from eval_answers import MODELS, REPEAT_N, REPEAT_TIMES, SETS  # noqa: E402
+from eval_answers import REPEAT_N, REPEAT_TIMES, SETS, models_of  # noqa: E402
 
 
 CONDITION_LABELS = {"system": "system prompt", "no_system": "no system prompt"}
@@ -61,7 +61,7 @@ def _fmt(v) -> str:
 
 def columns(metrics: dict) -> list[tuple[str, str]]:
     """(condition, model) of each table column, in order."""
-    return [(c, m) for c in metrics for m in MODELS]
+    return [(c, m) for c in metrics for m in models_of(metrics[c])]
 
 
 def column_names(metrics: dict) -> list[str]:
@@ -70,7 +70,7 @@ def column_names(metrics: dict) -> list[str]:
 
 def table_rows(metrics: dict) -> list[tuple]:
     """(label, value per column..., key) per metric present; `metrics` is {condition: {model: {key: value}}}."""
-    present = {k for c in metrics for m in MODELS for k in metrics[c][m]}
+    present = {k for c in metrics for m in models_of(metrics[c]) for k in metrics[c][m]}
     fixed = {key for key, _, _ in TABLE}
     per_template = sorted(k for k in present - fixed if k.startswith("jailbreak_") and k.endswith("_compliance_rate"))
     table = []
@@ -106,7 +106,7 @@ def print_generations(generations: list[dict], per_set: int = 3, width: int = 30
         if shown[g["condition"], g["set"]] > per_set:
             continue
         print(f"\n[{g['set']}, {CONDITION_LABELS[g['condition']]}] {g['text']}")
-        for name in MODELS:
+        for name in models_of(g):
             answer = " ".join(g[name]["answer"].split())
             print(f"  {name:6}: {answer[:width]}{'...' if len(answer) > width else ''}")
 
@@ -130,11 +130,13 @@ def _answer_note(answer: dict) -> str:
 
 def write_markdown(report: dict, path: str) -> None:
     gen = report["settings"]["generation"]
+    models = models_of(gen)
     lines = [
-        "# CAI SFT evaluation: M_base vs M_SFT",
+        "# CAI SFT evaluation: " + " vs ".join(models),
         "",
         f"- M_base: `{report['m_base']}`",
         f"- M_SFT: `{report['m_sft']}`" + (" (LoRA adapter on M_base)" if report["m_sft_is_adapter"] else ""),
+        *([f"- M_DPO: `{report['m_dpo']}` (the preference stage from M_SFT)"] if report.get("m_dpo") else []),
         f"- Greedy generations, at most {report['settings']['max_new_tokens']} new tokens, with each model's saved "
         "generation settings: " + "; ".join(f"{m}: {json.dumps(v)}" for m, v in gen.items()) + ". Prompts rendered "
         "with the chat template saved with M_SFT, with the training system prompt and without one.",
@@ -161,14 +163,12 @@ def write_markdown(report: dict, path: str) -> None:
             if not items:
                 continue
             lines += ["", f"## Generations: {set_name} prompts, {CONDITION_LABELS[condition]}", "",
-                      "| # | prompt | M_base | M_SFT |", "|---|---|---|---|"]  # fmt: skip
+                      "| # | prompt | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
             for i, g in enumerate(items, 1):
                 tag = (" *(risky-sounding)*" if g.get("risky_sounding") else f" *({g['template']})*"
                        if g.get("template") else f" *({g['area']})*" if g.get("area") else "")  # fmt: skip
-                lines.append(
-                    f"| {i} | {_cell(g['text'])}{tag} | {_cell(g['M_base']['answer'])}{_answer_note(g['M_base'])} "
-                    f"| {_cell(g['M_SFT']['answer'])}{_answer_note(g['M_SFT'])} |"
-                )
+                lines.append(f"| {i} | {_cell(g['text'])}{tag} | "
+                             + " | ".join(f"{_cell(g[m]['answer'])}{_answer_note(g[m])}" for m in models) + " |")
     run_dir.write_text(path, "\n".join(lines) + "\n")
 
 
@@ -178,7 +178,7 @@ def write_generations(items: list[dict], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for it in items:
-            for m in MODELS:
+            for m in models_of(it):
                 row = {"model": m, "condition": it["condition"], "set": it["set"], "template": it.get("template"),
                        "prompt_id": it["id"], "prompt": it["text"], "messages": it["prompt"], **it[m]}  # fmt: skip
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")

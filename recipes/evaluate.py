@@ -72,6 +72,9 @@ class EvalArguments:
     base_model: str | None = field(
         default=None, metadata={"help": "M_base; for an adapter, default: its adapter_config.json base model."}
     )
+    dpo_model: str | None = field(
+        default=None, metadata={"help": "M_DPO (recipes/dpo.py's output_dir), a third column beside M_base and M_SFT."}
+    )
     test_file: str | None = field(
         default=None, metadata={"help": "Held-out CAI pairs (file, folder or hub id), e.g. data/cai_test.jsonl."}
     )
@@ -172,6 +175,10 @@ def check_args(args: EvalArguments) -> dict:
             f"base_model: not set. {args.sft_model} is a full model, so M_base cannot be read from it; set base_model "
             "to the model_name_or_path used for training."
         )
+    if args.dpo_model and not any(os.path.isfile(os.path.join(args.dpo_model, f))
+                                  for f in ("config.json", "adapter_config.json")):
+        problems.append(f"dpo_model: {args.dpo_model} holds no model or adapter. Train it first (make demo-rlaif) or "
+                        "fix the path.")
     if not args.test_file and not args.benign_file:
         problems.append("test_file / benign_file: set at least one (e.g. data/cai_test.jsonl, data/helpful_test.jsonl)")
     if bool(args.judge_url) != bool(args.judge_model):
@@ -240,6 +247,17 @@ def device_and_dtype(args: EvalArguments):
         bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
         return device, torch.bfloat16 if bf16 else torch.float32
     return device, getattr(torch, args.dtype)
+
+
+def load_dpo(args: EvalArguments, base_path: str, device, dtype):
+    """M_DPO: an adapter on the base its adapter_config.json names (M_base, or a full M_SFT), or a full model."""
+    config = os.path.join(args.dpo_model, "adapter_config.json")
+    if not os.path.isfile(config):
+        return load_model(args.dpo_model, args, device, dtype)
+    with open(config, encoding="utf-8") as f:
+        under = json.load(f).get("base_model_name_or_path") or base_path
+    return load_model(None, args, device, dtype, adapter=args.dpo_model,
+                      base_model=load_model(under, args, device, dtype))
 
 
 def load_model(path: str | None, args: EvalArguments, device, dtype, adapter: str | None = None, base_model=None):
@@ -418,17 +436,22 @@ def main(args: EvalArguments) -> dict:
     metrics = {c: {} for c in args.conditions}
     settings = {}
     model = load_model(base_path, args, device, dtype)
-    for name in eval_answers.MODELS:
-        if name == "M_SFT" and resolved["is_adapter"]:
+    names = ["M_base", "M_SFT"] + (["M_DPO"] if args.dpo_model else [])
+    for name in names:
+        if name == "M_DPO":
+            del model  # M_base holds M_SFT's merged adapter now
+            model = load_dpo(args, base_path, device, dtype)
+        elif name == "M_SFT" and resolved["is_adapter"]:
             model = load_model(None, args, device, dtype, adapter=args.sft_model, base_model=model)
         elif name == "M_SFT":
             del model  # free M_base before loading the full M_SFT
             model = load_model(args.sft_model, args, device, dtype)
-        if name == "M_SFT" and os.path.isfile(os.path.join(args.sft_model, "generation_config.json")):
-            # An adapter merged into M_base carries M_base's generation settings: use the ones saved with M_SFT.
-            model.generation_config = GenerationConfig.from_pretrained(args.sft_model)
+        folder = {"M_base": base_path, "M_SFT": args.sft_model, "M_DPO": args.dpo_model}[name]
+        if name != "M_base" and os.path.isfile(os.path.join(folder, "generation_config.json")):
+            # An adapter merged into M_base carries M_base's generation settings: use the ones saved with it.
+            model.generation_config = GenerationConfig.from_pretrained(folder)
         settings[name] = generation_settings(model)
-        print(f"{name}: {base_path if name == 'M_base' else args.sft_model} on {device}; generation {settings[name]}")
+        print(f"{name}: {folder} on {device}; generation {settings[name]}")
         total = sum(eval_scoring.score_batches(scored[c], args.batch_size) for c in args.conditions)
         with tqdm(total=total, desc=f"{name}: scoring", unit="batch", disable=not total) as bar:  # one bar per phase
             for cond in args.conditions:
@@ -450,6 +473,7 @@ def main(args: EvalArguments) -> dict:
         "m_base": base_path,
         "m_sft": args.sft_model,
         "m_sft_is_adapter": resolved["is_adapter"],
+        **({"m_dpo": args.dpo_model} if args.dpo_model else {}),
         "settings": {**asdict(args), "generation": settings, "repeat_n": eval_answers.REPEAT_N,
                      "repeat_times": eval_answers.REPEAT_TIMES},
         "jailbreak_templates": [t["id"] for t in templates],
@@ -463,7 +487,7 @@ def main(args: EvalArguments) -> dict:
             eval_answers.judge_all(items, args)
             result["judge"] = {"url": args.judge_url, "model": args.judge_model}
             for cond in args.conditions:
-                for name in eval_answers.MODELS:
+                for name in names:
                     metrics[cond][name].update(
                         eval_answers.judge_metrics([it for it in items if it["condition"] == cond], name))
             result["generations"] = public(items)

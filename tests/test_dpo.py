@@ -144,6 +144,21 @@ def test_dpo_from_an_sft_adapter_continues_it_against_m_sft(tmp_path, tiny_model
     assert refused.returncode == 2 and "other settings" in refused.stderr
     plain = run_recipe(cfg, tmp_path, script="dpo.py", check=False)
     assert plain.returncode == 2 and "already holds a finished model" in plain.stderr
+    # evaluate.py puts M_DPO beside M_base and M_SFT: a third column, every answer of each model kept.
+    benign = write_jsonl(tmp_path / "benign.jsonl", [{"prompt": f"Name a fruit {i}", "completion": "An apple."}
+                                                     for i in range(3)])
+    ev = {"sft_model": str(sft_out), "dpo_model": str(dpo_out), "output_dir": str(tmp_path / "eval"),
+          "test_file": data, "benign_file": benign, "max_generations": 2, "max_new_tokens": 4, "max_examples": 4}
+    proc = run_recipe(ev, tmp_path, script="evaluate.py")
+    report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
+    assert report["m_dpo"] == str(dpo_out)
+    assert list(report["metrics"]["system"]) == ["M_base", "M_SFT", "M_DPO"]
+    assert "balanced_refusal_accuracy" in report["metrics"]["no_system"]["M_DPO"]
+    assert all("M_DPO" in g and "declined" in g["M_DPO"] for g in report["generations"])
+    assert report["settings"]["generation"]["M_DPO"]["no_repeat_ngram_size"] == 4  # saved with M_DPO
+    md = (tmp_path / "eval" / "eval_report.md").read_text()
+    assert md.startswith("# CAI SFT evaluation: M_base vs M_SFT vs M_DPO") and "| # | prompt | M_base | M_SFT | M_DPO |" in md
+    assert "M_DPO (system prompt)" in proc.stdout
 
 
 def test_collect_pairs_turns_own_refusals_and_compliances_into_rejected(tmp_path, tiny_model_dir):

@@ -1,8 +1,8 @@
 """The README's commands, run in the README's order, twice, in a fresh copy of the repository, on a tiny model.
 
 The commands are read from the README's bash blocks (so a README change is what is tested): `make demo`, `make
-dry-run`, `make eval`, and the `recipes/sft.py` commands (the dry run and the training run). Each gets overrides
-that point it at a tiny random model and a step or two; everything else (the demo's YAMLs, output folders, the
+dry-run`, `make eval`, `make demo-rlaif`, and the `recipes/sft.py` / `recipes/dpo.py` commands (dry runs, training).
+Each gets overrides that point it at a tiny random model and a step or two; everything else (the demo's YAMLs, output folders, the
 output guard) is as a user runs it. Each must exit 0, both times: `make demo` again replaces only its own earlier
 output, and the dry runs write next to the demo's model, never into it.
 """
@@ -32,8 +32,9 @@ def readme_commands() -> list[str]:
 
 
 def is_checked(command: str) -> bool:
-    return command in ("make demo", "make dry-run", "make eval") or (
-        "recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml" in command)
+    return command in ("make demo", "make dry-run", "make eval", "make demo-rlaif") or (
+        "recipes/sft.py --config recipes/smollm2-135m/sft_demo.yaml" in command) or (
+        "recipes/dpo.py --config recipes/smollm2-135m/dpo_demo.yaml" in command)
 
 
 def test_readme_commands_in_order_twice(tiny_model_dir, tmp_path):
@@ -45,7 +46,8 @@ def test_readme_commands_in_order_twice(tiny_model_dir, tmp_path):
                                                               ".pytest_cache"))  # a fresh clone
     model = f"--model_name_or_path {tiny_model_dir}"
     make_vars = [f"PY={PYTHON}", f"MODEL_DIR={tiny_model_dir}", f"DEMO_ARGS={model} {TINY_TRAIN}",
-                 f"EVAL_ARGS=--base_model {tiny_model_dir} --max_new_tokens 8 --max_examples 2"]
+                 f"EVAL_ARGS=--base_model {tiny_model_dir} --max_new_tokens 8 --max_examples 2",
+                 "PAIRS_ARGS=--max_benign 4 --max_redteam 4 --max_new_tokens 4", f"DPO_ARGS={TINY_TRAIN}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for round_ in (1, 2):
         for command in commands:
@@ -60,6 +62,10 @@ def test_readme_commands_in_order_twice(tiny_model_dir, tmp_path):
     assert (demo / "cai_sft_complete.json").is_file() and (demo / "eval_report.md").is_file()
     assert (repo / "outputs" / "smollm2-135m-cai-sft-dry-run" / "preview.jsonl").is_file()
     assert not (demo / "preview.jsonl").exists()
+    if "make demo-rlaif" in commands:
+        dpo = repo / "outputs" / "smollm2-135m-cai-dpo"
+        assert (dpo / "cai_sft_complete.json").is_file() and "M_DPO" in (dpo / "eval_report.md").read_text()
+        assert (repo / "outputs" / "smollm2-135m-cai-dpo-dry-run" / "preview.jsonl").is_file()
 
     # a model trained otherwise is never replaced: the demo's YAML with another learning rate is refused
     proc = subprocess.run([PYTHON, "recipes/sft.py", "--config", "recipes/smollm2-135m/sft_demo.yaml",
