@@ -1,4 +1,5 @@
-"""Blind A/B judging of M_base vs M_SFT answers, by a person or an agent that must not know which is which.
+"""Blind A/B judging of two models' answers (M_base vs M_SFT, or --models M_SFT,M_DPO), by a person or an agent that
+must not know which is which.
 
     # 1. pairs to judge (models shuffled into A/B per item, seeded) + the key, kept apart from the judge
     python bench/blind_judge.py make --generations outputs/x/generations.jsonl --out outputs/x/blind
@@ -48,8 +49,17 @@ def make(ns) -> None:
     for r in rows:
         by_item[(r["condition"], r["set"], str(r["prompt_id"]))][r["model"]] = r
     models = sorted({r["model"] for r in rows})
+    if ns.models:  # e.g. M_SFT,M_DPO from a file holding three models' answers
+        wanted = ns.models.split(",")
+        if len(wanted) != 2 or not set(wanted) <= set(models):
+            raise SystemExit(f"--models {ns.models}: name two of the models in {ns.generations}: {models}.")
+        models = sorted(wanted)
+        rows = [r for r in rows if r["model"] in models]
+        by_item.clear()
+        for r in rows:
+            by_item[(r["condition"], r["set"], str(r["prompt_id"]))][r["model"]] = r
     if len(models) != 2:
-        raise SystemExit(f"{ns.generations}: expected answers of exactly two models, found {models}.")
+        raise SystemExit(f"{ns.generations}: expected answers of exactly two models (or --models A,B), found {models}.")
     if os.path.exists(ns.out) and os.listdir(ns.out):
         raise SystemExit(f"{ns.out}: exists and is not empty; pick another folder.")
     os.makedirs(ns.out, exist_ok=True)
@@ -121,6 +131,7 @@ def main(argv=None):
     m.add_argument("--generations", required=True)
     m.add_argument("--out", required=True)
     m.add_argument("--chunks", type=int, default=1)
+    m.add_argument("--models", default=None, help="the two models to compare when the file holds more, e.g. M_SFT,M_DPO")
     m.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("score")
     s.add_argument("--dir", required=True)

@@ -501,9 +501,10 @@ def main(args: EvalArguments) -> dict:
     if args.generations_file:
         eval_report.write_generations(items, args.generations_file)
         paths["generations"] = args.generations_file
-    for label, file in (("loss curves", "loss_curves.png"), ("model card", "README.md")):
-        if os.path.isfile(os.path.join(args.sft_model, file)):
-            paths[label] = os.path.join(args.sft_model, file)
+    for who, folder in (("M_SFT", args.sft_model), ("M_DPO", args.dpo_model)):
+        for label, file in (("loss curves", "loss_curves.png"), ("model card", "README.md")):
+            if folder and os.path.isfile(os.path.join(folder, file)):
+                paths[f"{who} {label}" if args.dpo_model else label] = os.path.join(folder, file)
     eval_report.print_generations(result["generations"], args.print_generations)
     eval_report.print_table(metrics, paths)
     if failed:

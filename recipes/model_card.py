@@ -31,23 +31,23 @@ def ref(path: str, kind: str = "") -> str:
     return f"[`{path}`](https://huggingface.co/{kind}{path})" if hub_id(path) else f"`{path}`"
 
 
-def quick_start(out: str, base: str, is_adapter: bool, system_prompt: str | None) -> list[str]:
+def quick_start(out: str, base: str, is_adapter: bool, system_prompt: str | None, name: str = "M_SFT") -> list[str]:
     local = "" if hub_id(base) else ", local_files_only=True"
     load = [
         "from transformers import AutoModelForCausalLM, AutoTokenizer" + (", GenerationConfig" if is_adapter else ""),
         *(["from peft import PeftModel"] if is_adapter else []),
         "",
-        "# paths as given to sft.py, relative to the folder it was run from",
+        f"# paths as given to {'sft.py' if name == 'M_SFT' else 'dpo.py'}, relative to the folder it was run from",
         f'tokenizer = AutoTokenizer.from_pretrained("{out}", local_files_only=True)  # the training chat template',
     ]
     if is_adapter:
         load += [
             f'base = AutoModelForCausalLM.from_pretrained("{base}"{local})',
-            f'model = PeftModel.from_pretrained(base, "{out}", local_files_only=True)  # M_SFT: LoRA adapter on M_base',
-            f'model.generation_config = GenerationConfig.from_pretrained("{out}")  # stop tokens saved with M_SFT',
+            f'model = PeftModel.from_pretrained(base, "{out}", local_files_only=True)  # {name}: LoRA adapter on M_base',
+            f'model.generation_config = GenerationConfig.from_pretrained("{out}")  # stop tokens saved with {name}',
         ]
     else:
-        load.append(f'model = AutoModelForCausalLM.from_pretrained("{out}", local_files_only=True)  # M_SFT')
+        load.append(f'model = AutoModelForCausalLM.from_pretrained("{out}", local_files_only=True)  # {name}')
     system = f'{{"role": "system", "content": {json.dumps(system_prompt)}}}, ' if system_prompt else ""
     load += [
         "",
@@ -101,11 +101,15 @@ def card(out: str, args, model_args, data_args, dataset: list[str], report, fmt=
         "",
         "## Quick start (offline)",
         "",
-        *quick_start(out, base, is_adapter, None if fmt and fmt.mode == "off" else data_args.system_prompt),
+        *quick_start(out, base, is_adapter, None if fmt and fmt.mode == "off" else data_args.system_prompt,
+                     "M_DPO" if stage else "M_SFT"),
         "",
         "Generation stops at the end-of-turn token saved in `generation_config.json`. Compare M_base and M_SFT "
         f"(docs/EVALUATION.md): `python recipes/evaluate.py --sft_model {out} --base_model {base} "
-        "--test_file data/cai_test.jsonl --benign_file data/helpful_test.jsonl`.",
+        "--test_file data/cai_test.jsonl --benign_file data/helpful_test.jsonl`." if not stage else
+        "Generation stops at the end-of-turn token saved in `generation_config.json`. Compare M_base, M_SFT and "
+        f"M_DPO (docs/EVALUATION.md): `python recipes/evaluate.py --sft_model {stage['sft_model']} --dpo_model {out} "
+        f"--output_dir {out} --test_file data/cai_test.jsonl --benign_file data/helpful_test.jsonl`.",
         "",
         "## Constitutional AI " + ("preference stage (DPO)" if stage else "SFT"),
         "",
@@ -114,7 +118,9 @@ def card(out: str, args, model_args, data_args, dataset: list[str], report, fmt=
         f"- Data: {', '.join(ref(d, 'datasets/') for d in dataset)} "
         f"({report.counts.get('train_examples_tokenized')} train / {report.counts.get('eval_examples_tokenized')} eval)",
         f"- System prompt: `{data_args.system_prompt}`" + (f" ({MODES[fmt.mode]})" if fmt else ""),
-        f"- End-of-turn token: `{fmt.end_of_turn if fmt else args.eos_token}`; loss on the response and that token only"
+        f"- End-of-turn token: `{fmt.end_of_turn if fmt else args.eos_token}`; "
+        + ("loss on the response and that token only" if not stage else "DPO loss on both answers, each closed by "
+           "that token (DPOTrainer also scores the template text after it); the prompt is never trained")
         + (f"; stop tokens {fmt.stop_token_ids} in generation_config.json" if fmt else ""),
         "- Hyperparameters:",
         *[f"  - {k}: {v}" for k, v in hyper.items()],

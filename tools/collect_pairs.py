@@ -6,7 +6,10 @@
   refusal it really writes, not a fixed sentence (a fixed sentence teaches "never open with a refusal").
 - Red-team prompts with a revision (cai-conversation-harmless rows, e.g. data/cai_train.jsonl): M_SFT answers each;
   where it does NOT decline, the pair is (revision ≻ M_SFT's answer). With `cai_pairs` (default on), every red-team
-  row also gives the critique pass's own pair (revision ≻ init_response), which keeps harmful prompts refused.
+  row also gives the critique pass's own pair (revision ≻ init_response). With `own_refusal_pairs` (default off),
+  where it declines a red-team prompt the pair is (its own refusal ≻ init_response): the same refusal text is then
+  `chosen` after a harmful prompt and `rejected` after a benign one. On the demo's 135M M_SFT that lowered the
+  balanced refusal accuracy (docs/EVALUATION.md, "The preference stage"), hence off.
 
 Answers are greedy, with the system prompt M_SFT was trained with and the generation_config saved with it. Output:
 a jsonl of {prompt, chosen, rejected, kind, from_file, from_row} (dpo.py reads it: `format: preference`) and, beside it,
@@ -50,6 +53,8 @@ class PairArguments:
     system_prompt: str | None = field(default=cai_data.DEFAULT_SYSTEM_PROMPT,
                                       metadata={"help": "As in M_SFT's training; null for none."})
     cai_pairs: bool = field(default=True, metadata={"help": "Also write (revision ≻ init_response) per red-team row."})
+    own_refusal_pairs: bool = field(
+        default=False, metadata={"help": "Where M_SFT declines a red-team prompt: (its refusal ≻ init_response)."})
     max_benign: int | None = field(default=None, metadata={"help": "A seeded sample of this many benign rows."})
     max_redteam: int | None = field(default=None, metadata={"help": "A seeded sample of this many red-team rows."})
     max_new_tokens: int = field(default=48, metadata={"help": "Length of M_SFT's answers (a refusal is short)."})
@@ -142,6 +147,9 @@ def collect(args: PairArguments) -> str:
             if kind == "redteam" and not no and answer.strip():
                 pairs.append({**where, "chosen": reference, "rejected": answer, "kind": "red-team: own compliance"})
             init = r["raw"].get("init_response")
+            has_init = isinstance(init, str) and init.strip() and not refusal.is_refusal(init)
+            if kind == "redteam" and no and args.own_refusal_pairs and has_init:
+                pairs.append({**where, "chosen": answer, "rejected": init, "kind": "red-team: own refusal"})
             if kind == "redteam" and args.cai_pairs and isinstance(init, str) and init.strip():
                 pairs.append({**where, "chosen": reference, "rejected": init, "kind": "red-team: critique pass"})
     kinds = {}
