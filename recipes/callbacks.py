@@ -25,6 +25,30 @@ import generation
 logger = logging.getLogger("recipes.callbacks")
 
 
+def sample_rows(eval_rows, n: int, fmt) -> list[dict]:
+    """The held-out conversations answered at each evaluation: picked by (source, row), then read, with the prompt
+    rendered as training renders it."""
+    if eval_rows is None or not n:
+        return []
+    where = [{**r, "i": i} for i, r in enumerate(eval_rows.select_columns(["source", "row"]).to_list())]
+    return [{**eval_rows[p["i"]], "prompt": fmt.prompt_messages(eval_rows[p["i"]]["prompt"])}
+            for p in pick_sample_rows(where, n)]
+
+
+def exit_preempted(trainer, stop, lock) -> None:
+    """After StopOnSignal ended training: the main process records the checkpoint (run_dir.preempted) and releases
+    the run lock before the barrier (a launcher may kill it once the others have exited); every rank exits 75."""
+    import run_dir
+
+    if trainer.accelerator.is_main_process:
+        print(run_dir.preempted(trainer.args.output_dir, stop.received, stop.stopped_at, trainer.args.save_only_model),
+              flush=True)
+        if lock:
+            lock.release()
+    trainer.accelerator.wait_for_everyone()
+    raise SystemExit(run_dir.PREEMPTED_EXIT)
+
+
 def build(trainer, recipe_args, eval_rows) -> list:
     cbs = []
     if recipe_args.early_stopping_patience:

@@ -176,12 +176,7 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
 
     import callbacks
 
-    sample_rows = []  # held-out prompts answered at each evaluation: picked by (source, row), then read
-    if eval_rows is not None and recipe_args.num_sample_prompts:
-        where = [{**r, "i": i} for i, r in enumerate(eval_rows.select_columns(["source", "row"]).to_list())]
-        for picked in callbacks.pick_sample_rows(where, recipe_args.num_sample_prompts):
-            row = eval_rows[picked["i"]]
-            sample_rows.append({**row, "prompt": fmt.prompt_messages(row["prompt"])})
+    sample_rows = callbacks.sample_rows(eval_rows, recipe_args.num_sample_prompts, fmt)  # answered at each eval
     trainer = build_trainer(training_args, model_args, recipe_args, tokenizer, train_ds, eval_ds, sample_rows)
     # Every stop token of the family (Phi-3: <|end|> and <|endoftext|>) and the deployment's generation defaults.
     generation.set_generation_defaults(trainer.model.generation_config, fmt, recipe_args)
@@ -191,13 +186,8 @@ def main(script_args, training_args, model_args, data_args, recipe_args):
     resume = run_dir.checkpoint_to_resume(training_args, recipe_args.overwrite_output_dir)
     with run_dir.disk_full_guard(trainer, training_args.output_dir):  # a full disk: partial save removed, exit 74
         train_result = trainer.train(resume_from_checkpoint=resume)
-    if stop.stopped_at is not None:
-        if is_main:
-            print(run_dir.preempted(training_args.output_dir, stop.received, stop.stopped_at,
-                                    training_args.save_only_model), flush=True)
-            lock.release()  # before the barrier: a launcher may kill this process once the others have exited
-        trainer.accelerator.wait_for_everyone()
-        raise SystemExit(run_dir.PREEMPTED_EXIT)
+    if stop.stopped_at is not None:  # a checkpoint was saved: record it, release the lock, exit 75
+        callbacks.exit_preempted(trainer, stop, lock)
     trainer.save_metrics("train", train_result.metrics)
     if eval_ds is not None:
         evals = [h for h in trainer.state.log_history if "eval_loss" in h]

@@ -194,3 +194,23 @@ def test_refusal_pairs_from_collect_pairs_reach_dpo(tmp_path):
              "I won't help with that.", "kind": "benign: own refusal"} for i in range(3)]
     train, report = load(tmp_path, rows)
     assert len(train) == 3 and not report.dropped
+
+
+@pytest.mark.parametrize("target", ["dpo-7b", "dpo-7b-full"])
+def test_make_dpo_7b_dry_run(tmp_path, target):
+    """`make dpo-7b DRY_RUN=1` (QLoRA) and `dpo-7b-full DRY_RUN=1` (ZeRO-3): the 7B preference YAMLs, offline, on
+    Mistral-7B's config and the stand-in tokenizer, with the bundled critique pairs."""
+    standin, out = tmp_path / "standin", tmp_path / "dry"
+    proc = subprocess.run(
+        ["make", "-s", target, "DRY_RUN=1", f"PY={PYTHON}", f"STANDIN_7B={standin}", f"ARGS=--output_dir {out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert not any(standin.glob("*.safetensors")) and "no weights were loaded" in proc.stdout
+    rows = [json.loads(line) for line in (out / "preview.jsonl").read_text().splitlines()]
+    assert len(rows) == 200
+    for row in rows:  # both answers closed by </s> (id 2), the prompt (from <s>, id 1) never trained
+        for side in ("chosen", "rejected"):
+            seq = row[side]
+            assert seq["input_ids"][0] == 1 and seq["labels"][0] == -100
+            assert seq["input_ids"][-1] == 2 and seq["labels"][-1] == 2

@@ -55,8 +55,11 @@ class PairArguments:
     cai_pairs: bool = field(default=True, metadata={"help": "Also write (revision ≻ init_response) per red-team row."})
     own_refusal_pairs: bool = field(
         default=False, metadata={"help": "Where M_SFT declines a red-team prompt: (its refusal ≻ init_response)."})
-    max_benign: int | None = field(default=None, metadata={"help": "A seeded sample of this many benign rows."})
-    max_redteam: int | None = field(default=None, metadata={"help": "A seeded sample of this many red-team rows."})
+    max_benign: int | None = field(default=None, metadata={"help": "M_SFT answers a seeded sample of this many benign "
+                                                           "prompts (null: all)."})
+    max_redteam: int | None = field(default=None, metadata={"help": "M_SFT answers a seeded sample of this many "
+                                                            "red-team prompts (null: all); the critique pairs cover "
+                                                            "every row."})
     max_new_tokens: int = field(default=48, metadata={"help": "Length of M_SFT's answers (a refusal is short)."})
     batch_size: int = field(default=16)
     seed: int = field(default=42)
@@ -91,15 +94,13 @@ def written_here(path: str) -> bool:
         return False
 
 
-def read_rows(path: str, fmt: str, limit: int | None, seed: int, report) -> list[dict]:
-    """Normalized rows (prompt messages without a system turn, completion) with their raw rows, sampled."""
+def read_rows(path: str, fmt: str, report) -> list[dict]:
+    """Normalized rows (prompt messages without a system turn, completion) with their raw rows."""
     source = {"path": path, "format": fmt}
     raw = cai_data.read_split(source, "train")
     rows = cai_data.normalize(raw, source, "train", cai_data.CAIDataArguments(system_prompt=None), report)
     for r in rows:
         r["raw"] = raw[r["row"]]
-    if limit is not None and len(rows) > limit:
-        rows = sorted(random.Random(seed).sample(rows, limit), key=lambda r: r["row"])
     return rows
 
 
@@ -133,22 +134,26 @@ def collect(args: PairArguments) -> str:
     for kind, path, fmt in (("benign", args.benign_file, "pc"), ("redteam", args.redteam_file, "cai")):
         if not path:
             continue
-        rows = read_rows(path, fmt, args.max_benign if kind == "benign" else args.max_redteam, args.seed, report)
-        answers = [a["answer"] for a in generation.generate_answers(
-            model, tokenizer, [system + r["prompt"] for r in rows], args.max_new_tokens, args.batch_size,
+        rows = read_rows(path, fmt, report)
+        limit = args.max_benign if kind == "benign" else args.max_redteam
+        asked = rows if limit is None or limit >= len(rows) else random.Random(args.seed).sample(rows, limit)
+        said = [a["answer"] for a in generation.generate_answers(
+            model, tokenizer, [system + r["prompt"] for r in asked], args.max_new_tokens, args.batch_size,
             progress=True, desc=f"M_SFT answers {kind} prompts")]
-        declined = [refusal.is_refusal(a) for a in answers]
-        stats[kind] = {"prompts": len(rows), "declined": sum(declined)}
-        for r, answer, no in zip(rows, answers, declined):
+        answer_of = {r["row"]: a for r, a in zip(asked, said)}
+        declined = {row: refusal.is_refusal(a) for row, a in answer_of.items()}
+        stats[kind] = {"prompts": len(asked), "declined": sum(declined.values())}
+        for r in rows:  # every row: the critique pair; the sampled ones also their on-policy pair
+            answer, no = answer_of.get(r["row"]), declined.get(r["row"])
             where = {"prompt": r["prompt"][-1]["content"], "from_file": path, "from_row": r["row"]}
             reference = r["completion"][0]["content"]
-            if kind == "benign" and no:
+            if kind == "benign" and answer is not None and no:
                 pairs.append({**where, "chosen": reference, "rejected": answer, "kind": "benign: own refusal"})
-            if kind == "redteam" and not no and answer.strip():
+            if kind == "redteam" and answer is not None and not no and answer.strip():
                 pairs.append({**where, "chosen": reference, "rejected": answer, "kind": "red-team: own compliance"})
             init = r["raw"].get("init_response")
             has_init = isinstance(init, str) and init.strip() and not refusal.is_refusal(init)
-            if kind == "redteam" and no and args.own_refusal_pairs and has_init:
+            if kind == "redteam" and answer is not None and no and args.own_refusal_pairs and has_init:
                 pairs.append({**where, "chosen": answer, "rejected": init, "kind": "red-team: own refusal"})
             if kind == "redteam" and args.cai_pairs and isinstance(init, str) and init.strip():
                 pairs.append({**where, "chosen": reference, "rejected": init, "kind": "red-team: critique pass"})
