@@ -143,9 +143,12 @@ def main(script_args, training_args, model_args, data_args, recipe_args, pref_ar
         if trainer.accelerator.is_main_process:
             trainer.model.generation_config.save_pretrained(out)
             dataset = [cai_data.source_name(s) for s in cai_data.sources_from_args(script_args, data_args)]
+            lora = getattr(trainer.model, "peft_config", {}).get("default")
             model_card.write(trainer, model_args, data_args, dataset, report, fmt,
                              stage={"sft_model": model_args.model_name_or_path, "base_model": base,
-                                    "beta": training_args.beta, "loss_type": training_args.loss_type})
+                                    "beta": training_args.beta, "loss_type": training_args.loss_type,
+                                    "lora": lora and {"lora_r": lora.r, "lora_alpha": lora.lora_alpha,
+                                                      "lora_dropout": lora.lora_dropout}})
             run_dir.mark_complete(out, settings)
     if lock:
         lock.release()
@@ -158,9 +161,16 @@ def base_model_of(path: str, override: str | None) -> str | None:
     """M_base of an adapter folder (its adapter_config.json, or `base_model`); None for a full model."""
     config = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(config):
+        if override:
+            raise checks.ConfigError([f"base_model: {override} is set, but {path} is a full model (no "
+                                      "adapter_config.json); remove base_model."])
         return None
     with open(config, encoding="utf-8") as f:
-        return override or json.load(f).get("base_model_name_or_path")
+        base = override or json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise checks.ConfigError([f"base_model: {path}/adapter_config.json names no base model; set base_model to "
+                                  "M_base's folder."])
+    return base
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -301,6 +311,10 @@ def build_trainer(training_args, model_args, recipe_args, base, tokenizer, train
         with checks.reworded_load_error("base_model", base):
             m_base = AutoModelForCausalLM.from_pretrained(base, **kwargs)
         model, peft_config = PeftModel.from_pretrained(m_base, model_args.model_name_or_path, is_trainable=True), None
+        if os.path.isfile(os.path.join(model_args.model_name_or_path, "generation_config.json")):
+            from transformers import GenerationConfig  # M_SFT's saved decoding, not M_base's
+
+            model.generation_config = GenerationConfig.from_pretrained(model_args.model_name_or_path)
         if model_args.use_peft and training_args.process_index == 0:
             print("LoRA: M_SFT is an adapter, so training continues it (its own r, alpha and target modules); the "
                   "lora_* settings apply only to a full M_SFT")

@@ -18,12 +18,13 @@ import generation  # noqa: E402
 import refusal  # noqa: E402
 
 
-MODELS = ("M_base", "M_SFT", "M_DPO")  # in table order; M_DPO only when evaluate.py is given dpo_model
+MODELS = ("M_base", "M_SFT")  # always compared
+ALL_MODELS = (*MODELS, "M_DPO")  # in table order; M_DPO when evaluate.py is given dpo_model
 
 
 def models_of(d: dict) -> list[str]:
     """The models present in a metrics mapping or a generation item, in table order."""
-    return [m for m in MODELS if m in d]
+    return [m for m in ALL_MODELS if m in d]
 
 
 # Generation sets and their metric prefixes.

@@ -256,6 +256,11 @@ def load_dpo(args: EvalArguments, base_path: str, device, dtype):
         return load_model(args.dpo_model, args, device, dtype)
     with open(config, encoding="utf-8") as f:
         under = json.load(f).get("base_model_name_or_path") or base_path
+    sft_config = os.path.join(args.sft_model, "adapter_config.json")
+    if os.path.isfile(sft_config):
+        with open(sft_config, encoding="utf-8") as f:
+            if json.load(f).get("base_model_name_or_path") == under:
+                under = base_path  # the same M_base as M_SFT's: the one resolved (base_model) is reachable
     return load_model(None, args, device, dtype, adapter=args.dpo_model,
                       base_model=load_model(under, args, device, dtype))
 
@@ -436,7 +441,7 @@ def main(args: EvalArguments) -> dict:
     metrics = {c: {} for c in args.conditions}
     settings = {}
     model = load_model(base_path, args, device, dtype)
-    names = ["M_base", "M_SFT"] + (["M_DPO"] if args.dpo_model else [])
+    names = [*eval_answers.MODELS, *(["M_DPO"] if args.dpo_model else [])]
     for name in names:
         if name == "M_DPO":
             del model  # M_base holds M_SFT's merged adapter now

@@ -81,7 +81,9 @@ def card(out: str, args, model_args, data_args, dataset: list[str], report, fmt=
         "seed": args.seed,
         **({"beta": stage["beta"], "loss_type": stage["loss_type"]} if stage else {}),
     }
-    if is_adapter:
+    if stage and stage.get("lora"):  # dpo.py: the adapter actually trained (M_SFT's own, when continued)
+        hyper.update(stage["lora"])
+    elif is_adapter:
         hyper.update(lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout)
     front = ["---", *([f"base_model: {base}"] if hub_id(base) else []),
              f"library_name: {'peft' if is_adapter else 'transformers'}",
@@ -109,7 +111,8 @@ def card(out: str, args, model_args, data_args, dataset: list[str], report, fmt=
         "--test_file data/cai_test.jsonl --benign_file data/helpful_test.jsonl`." if not stage else
         "Generation stops at the end-of-turn token saved in `generation_config.json`. Compare M_base, M_SFT and "
         f"M_DPO (docs/EVALUATION.md): `python recipes/evaluate.py --sft_model {stage['sft_model']} --dpo_model {out} "
-        f"--output_dir {out} --test_file data/cai_test.jsonl --benign_file data/helpful_test.jsonl`.",
+        f"--base_model {stage['base_model'] or '<M_base>'} --output_dir {out} --test_file data/cai_test.jsonl "
+        "--benign_file data/helpful_test.jsonl`.",
         "",
         "## Constitutional AI " + ("preference stage (DPO)" if stage else "SFT"),
         "",

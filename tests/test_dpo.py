@@ -130,6 +130,7 @@ def test_dpo_from_an_sft_adapter_continues_it_against_m_sft(tmp_path, tiny_model
     assert gen["no_repeat_ngram_size"] == 4
     card = (dpo_out / "README.md").read_text()
     assert "M_DPO" in card and str(sft_out) in card and tiny_model_dir in card and "beta: 0.1" in card
+    assert "lora_r: 4" in card  # M_SFT's own adapter, continued (not the YAML's lora_r)
     assert json.loads((dpo_out / "cai_sft_complete.json").read_text())["complete"]
     history = json.loads((dpo_out / "trainer_state.json").read_text())["log_history"]
     assert [h["step"] for h in history if "eval_loss" in h][:1] == [0]  # eval_on_start: M_SFT is the "before"

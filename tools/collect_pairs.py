@@ -63,7 +63,7 @@ class PairArguments:
     max_new_tokens: int = field(default=48, metadata={"help": "Length of M_SFT's answers (a refusal is short)."})
     batch_size: int = field(default=16)
     seed: int = field(default=42)
-    overwrite_output: bool = field(default=False, metadata={"help": "Replace an --output this tool did not write."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an --output this tool did not write."})
 
     def __post_init__(self):
         self.system_prompt = cai_data.none_if_null(self.system_prompt)
@@ -81,7 +81,7 @@ def problems(cfg: dict) -> list[str]:
     if not cfg.get("benign_file") and not cfg.get("redteam_file"):
         p.append("benign_file / redteam_file: both unset; give at least one.")
     inputs = {k: cfg.get(k) for k in ("model", "benign_file", "redteam_file")}
-    return p + run_dir.file_problems("output", cfg.get("output"), bool(cfg.get("overwrite_output")), inputs,
+    return p + run_dir.file_problems("output", cfg.get("output"), bool(cfg.get("overwrite_output_dir")), inputs,
                                      is_own=written_here, program="collect_pairs.py")
 
 
