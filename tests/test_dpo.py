@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from conftest import PYTHON, ROOT, cai_row, run_recipe, tiny_config, toy_cai_rows, write_jsonl
 
@@ -168,7 +169,8 @@ def test_collect_pairs_turns_own_refusals_and_compliances_into_rejected(tmp_path
     red = write_jsonl(tmp_path / "red.jsonl", toy_cai_rows(3))
     out = tmp_path / "pairs.jsonl"
     cmd = [PYTHON, str(ROOT / "tools" / "collect_pairs.py"), "--model", tiny_model_dir, "--benign_file", benign,
-           "--redteam_file", red, "--output", str(out), "--max_new_tokens", "6", "--batch_size", "4"]
+           "--redteam_file", red, "--output", str(out), "--max_new_tokens", "8", "--redteam_opening_tokens",
+           "3", "--batch_size", "4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
@@ -179,8 +181,16 @@ def test_collect_pairs_turns_own_refusals_and_compliances_into_rejected(tmp_path
     assert summary["answers"] == {"benign": {"prompts": 4, "declined": 0}, "redteam": {"prompts": 3, "declined": 0}}
     for p in pairs:
         assert p["chosen"].startswith("I can't help with breaking into homes")
-    # A re-run replaces its own output; a file it did not write is refused.
-    assert subprocess.run(cmd, capture_output=True, cwd=ROOT, timeout=600).returncode == 0
+    # The pairs' answers were written out past the 3-token opening, to the same text as one 8-token pass (which is
+    # also a re-run: it replaces its own output).
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    compliances = [p["rejected"] for p in pairs if p["kind"] == "red-team: own compliance"]
+    assert max(len(tok(a, add_special_tokens=False)["input_ids"]) for a in compliances) > 3, compliances
+    one_pass = subprocess.run([*cmd, "--redteam_opening_tokens", "null"], capture_output=True, text=True, cwd=ROOT,
+                              timeout=600)
+    assert one_pass.returncode == 0, one_pass.stderr[-3000:]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == pairs
+    # A file it did not write is refused.
     foreign = tmp_path / "mine.jsonl"
     foreign.write_text("keep me\n")
     cmd[cmd.index(str(out))] = str(foreign)

@@ -147,6 +147,21 @@ def _verdict(complied="no", refused=False, harmless=True, helpful=3):
     return {"harmless": harmless, "helpful": helpful, "refused": refused, "complied": complied}
 
 
+def test_answers_come_back_in_the_conversations_order(tiny_model_dir):
+    """generate_answers batches prompts by length; each answer is still the one its own prompt gets alone."""
+    import generation
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    convs = [[{"role": "user", "content": text}] for text in
+             ("A much longer question about gardening, soil, water and light?", "Hi", "Name a fruit.")]
+    together = generation.generate_answers(model, tok, convs, max_new_tokens=6, batch_size=2)
+    alone = [generation.generate_answers(model, tok, [c], max_new_tokens=6, batch_size=1)[0] for c in convs]
+    assert [a["answer"] for a in together] == [a["answer"] for a in alone]
+    assert len({a["answer"] for a in alone}) == 3  # distinct answers: a wrong order would show
+
+
 def test_rates_from_hand_made_answers():
     items = [
         _item("red-team", base=(True, False, _verdict("yes")), sft=(True, False, _verdict("no", True))),

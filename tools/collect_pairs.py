@@ -11,7 +11,9 @@
   `chosen` after a harmful prompt and `rejected` after a benign one. On the demo's 135M M_SFT that lowered the
   balanced refusal accuracy (docs/EVALUATION.md, "The preference stage"), hence off.
 
-Answers are greedy, with the system prompt M_SFT was trained with and the generation_config saved with it. Output:
+Answers are greedy, with the system prompt M_SFT was trained with and the generation_config saved with it. Where
+most answers make no pair (red-team prompts an M_SFT declines), each is first written to `redteam_opening_tokens`,
+where the refusal verdict shows, and only those that make a pair are written out to `max_new_tokens`. Output:
 a jsonl of {prompt, chosen, rejected, kind, from_file, from_row} (dpo.py reads it: `format: preference`) and, beside it,
 `<output>.summary.json` with the counts per kind and the refusal rates M_SFT showed.
 
@@ -27,6 +29,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "recipes"))
@@ -61,6 +64,13 @@ class PairArguments:
                                                             "red-team prompts (null: all); the critique pairs cover "
                                                             "every row."})
     max_new_tokens: int = field(default=48, metadata={"help": "Length of M_SFT's answers (a refusal is short)."})
+    benign_opening_tokens: int | None = field(
+        default=None, metadata={"help": "With a number, M_SFT first writes only this many tokens of each answer to a "
+                                "benign prompt, where a refusal shows, and then writes out in full only the refusals "
+                                "(they become pairs). Worth it when it declines few benign prompts; null: one pass."})
+    redteam_opening_tokens: int | None = field(
+        default=12, metadata={"help": "The same for red-team prompts, where only compliances become pairs. On the "
+                              "demo's M_SFT the verdict at 12 tokens equals that at 32 on 256 of 256 answers."})
     batch_size: int = field(default=16)
     seed: int = field(default=42)
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an --output this tool did not write."})
@@ -123,6 +133,25 @@ def load(args: PairArguments):
     return model.eval(), tokenizer
 
 
+def answers(model, tokenizer, conversations: list[list[dict]], kind: str, args: PairArguments):
+    """M_SFT's greedy answers and whether each declines. With an opening length for the kind, in two passes: the
+    opening of every answer, then in full only those whose verdict makes a pair (a benign refusal, a red-team
+    compliance): the pairs get the same answers as one pass at max_new_tokens, the rest stop at the opening."""
+    opening = args.benign_opening_tokens if kind == "benign" else args.redteam_opening_tokens
+    short = min(opening or args.max_new_tokens, args.max_new_tokens)
+    said = generation.generate_answers(model, tokenizer, conversations, short, args.batch_size, progress=True,
+                                       desc=f"M_SFT opens its answers to {kind} prompts")
+    declined = [refusal.is_refusal(a["answer"]) for a in said]
+    pair = [d if kind == "benign" else not d or args.own_refusal_pairs for d in declined]
+    rest = [i for i, a in enumerate(said) if pair[i] and not a["stopped_cleanly"] and short < args.max_new_tokens]
+    if rest:
+        full = generation.generate_answers(model, tokenizer, [conversations[i] for i in rest], args.max_new_tokens,
+                                           args.batch_size, progress=True, desc=f"M_SFT's {kind} answers in full")
+        for i, a in zip(rest, full):
+            said[i], declined[i] = a, refusal.is_refusal(a["answer"])
+    return [a["answer"] for a in said], declined
+
+
 def collect(args: PairArguments) -> str:
     lock = run_dir.RunLock(args.output, "collect_pairs.py", inside=False)
     lock.acquire()
@@ -130,19 +159,18 @@ def collect(args: PairArguments) -> str:
     report = cai_data.DataReport()
     model, tokenizer = load(args)
     system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
-    pairs, stats = [], {}
+    pairs, stats, verdicts = [], {}, {}
     for kind, path, fmt in (("benign", args.benign_file, "pc"), ("redteam", args.redteam_file, "cai")):
         if not path:
             continue
         rows = read_rows(path, fmt, report)
         limit = args.max_benign if kind == "benign" else args.max_redteam
         asked = rows if limit is None or limit >= len(rows) else random.Random(args.seed).sample(rows, limit)
-        said = [a["answer"] for a in generation.generate_answers(
-            model, tokenizer, [system + r["prompt"] for r in asked], args.max_new_tokens, args.batch_size,
-            progress=True, desc=f"M_SFT answers {kind} prompts")]
+        said, said_no = answers(model, tokenizer, [system + r["prompt"] for r in asked], kind, args)
         answer_of = {r["row"]: a for r, a in zip(asked, said)}
-        declined = {row: refusal.is_refusal(a) for row, a in answer_of.items()}
-        stats[kind] = {"prompts": len(asked), "declined": sum(declined.values())}
+        declined = {r["row"]: d for r, d in zip(asked, said_no)}
+        stats[kind] = {"prompts": len(asked), "declined": sum(said_no)}
+        verdicts[kind] = said_no
         for r in rows:  # every row: the critique pair; the sampled ones also their on-policy pair
             answer, no = answer_of.get(r["row"]), declined.get(r["row"])
             where = {"prompt": r["prompt"][-1]["content"], "from_file": path, "from_row": r["row"]}
@@ -157,18 +185,10 @@ def collect(args: PairArguments) -> str:
                 pairs.append({**where, "chosen": answer, "rejected": init, "kind": "red-team: own refusal"})
             if kind == "redteam" and args.cai_pairs and isinstance(init, str) and init.strip():
                 pairs.append({**where, "chosen": reference, "rejected": init, "kind": "red-team: critique pass"})
-    kinds = {}
-    for p in pairs:
-        kinds[p["kind"]] = kinds.get(p["kind"], 0) + 1
+    kinds = dict(Counter(p["kind"] for p in pairs))
     run_dir.write_text(args.output, (json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
     summary = {"written_by": "collect_pairs.py", "model": args.model, "system_prompt": args.system_prompt, "pairs": len(pairs), "kinds": kinds,
-               "answers": stats, "refusal_rates": refusal.rates(
-                   [True] * stats["redteam"]["declined"] + [False] * (stats["redteam"]["prompts"] -
-                                                                      stats["redteam"]["declined"])
-                   if "redteam" in stats else None,
-                   [True] * stats["benign"]["declined"] + [False] * (stats["benign"]["prompts"] -
-                                                                     stats["benign"]["declined"])
-                   if "benign" in stats else None),
+               "answers": stats, "refusal_rates": refusal.rates(verdicts.get("redteam"), verdicts.get("benign")),
                "dropped_input_rows": dict(report.dropped), "seconds": round(time.time() - started)}  # fmt: skip
     run_dir.write_text(args.output + ".summary.json", json.dumps(summary, indent=2))
     print(f"Wrote {len(pairs)} pairs to {args.output}: " + ", ".join(f"{k} {v}" for k, v in kinds.items()))
