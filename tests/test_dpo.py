@@ -199,6 +199,20 @@ def test_collect_pairs_turns_own_refusals_and_compliances_into_rejected(tmp_path
     assert foreign.read_text() == "keep me\n"
 
 
+def test_collect_pairs_refuses_an_opening_of_no_tokens(tmp_path, tiny_model_dir):
+    """An opening of 0 tokens (or a sample of 0 prompts) is a configuration problem named with its key, before any
+    model is loaded; null is the documented way to ask for one pass (or every prompt)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import collect_pairs
+    from dataclasses import asdict
+
+    base = {"model": tiny_model_dir, "output": str(tmp_path / "pairs.jsonl")}
+    assert collect_pairs.problems(asdict(collect_pairs.PairArguments(**base))) == []
+    for key in ("redteam_opening_tokens", "benign_opening_tokens", "max_benign", "max_redteam"):
+        found = collect_pairs.problems(asdict(collect_pairs.PairArguments(**base, **{key: 0})))
+        assert len(found) == 1 and found[0].startswith(f"{key}: 0 is out of range"), found
+
+
 def test_refusal_pairs_from_collect_pairs_reach_dpo(tmp_path):
     """The collector's output schema is one dpo.py reads: prompt/chosen/rejected strings plus bookkeeping columns."""
     rows = [{"from_file": "x", "from_row": i, "prompt": f"Name a fruit {i}", "chosen": "An apple.", "rejected":

@@ -136,7 +136,9 @@ def load(args: PairArguments):
 def answers(model, tokenizer, conversations: list[list[dict]], kind: str, args: PairArguments):
     """M_SFT's greedy answers and whether each declines. With an opening length for the kind, in two passes: the
     opening of every answer, then in full only those whose verdict makes a pair (a benign refusal, a red-team
-    compliance): the pairs get the same answers as one pass at max_new_tokens, the rest stop at the opening."""
+    compliance): the pairs get the answers of one pass at max_new_tokens, the rest stop at the opening. The opening's
+    verdict usually stands but can change as an answer goes on ("As an AI language model, I ... but here is"): such an
+    answer is judged on its opening. Measured on the demo's M_SFT: 256 of 256 verdicts at 12 tokens equal at 32."""
     opening = args.benign_opening_tokens if kind == "benign" else args.redteam_opening_tokens
     short = min(opening or args.max_new_tokens, args.max_new_tokens)
     said = generation.generate_answers(model, tokenizer, conversations, short, args.batch_size, progress=True,
