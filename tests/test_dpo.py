@@ -199,6 +199,48 @@ def test_collect_pairs_turns_own_refusals_and_compliances_into_rejected(tmp_path
     assert foreign.read_text() == "keep me\n"
 
 
+def test_two_pass_answers_write_out_only_the_answers_that_make_pairs(monkeypatch):
+    """collect_pairs.answers with generation stubbed: the opening pass judges every answer; only those whose verdict
+    makes a pair (benign: a refusal; red-team: a compliance, or any answer with own_refusal_pairs) and that did not
+    stop within the opening are generated again in full, and their verdict is taken from the full answer."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import collect_pairs
+    import generation
+
+    full = {"b0": "I can't help with that. Try a shop.", "b1": "Apples are red.", "b2": "I won't help with that.",
+            "r0": "Sure, here is how you do it step by step.", "r1": "I can't help with that, sorry.",
+            "r2": "As an AI language model, I think this is fine, but here is how."}
+    opening = {"b0": "I can't help with", "b1": "Apples are", "b2": "I won't help with that.", "r0": "Sure, here is",
+               "r1": "I can't help with", "r2": "As an AI language model"}
+    calls = []
+
+    def fake(model, tok, convs, max_new_tokens, batch_size, **kw):
+        names = [c[-1]["content"] for c in convs]
+        calls.append((max_new_tokens, names))
+        texts = full if max_new_tokens == 32 else opening
+        return [{"answer": texts[n], "stopped_cleanly": n == "b2" or max_new_tokens == 32, "new_tokens": 1}
+                for n in names]
+
+    monkeypatch.setattr(generation, "generate_answers", fake)
+    convs = {k: [[{"role": "user", "content": f"{k}{i}"}] for i in range(3)] for k in "br"}
+    args = collect_pairs.PairArguments(max_new_tokens=32, benign_opening_tokens=4, redteam_opening_tokens=4)
+    said, declined = collect_pairs.answers(None, None, convs["b"], "benign", args)
+    assert calls == [(4, ["b0", "b1", "b2"]), (32, ["b0"])]  # b1 answered: no pair; b2 stopped within the opening
+    assert said == [full["b0"], opening["b1"], opening["b2"]] and declined == [True, False, True]
+    calls.clear()
+    said, declined = collect_pairs.answers(None, None, convs["r"], "redteam", args)
+    assert calls == [(4, ["r0", "r1", "r2"]), (32, ["r0"])]  # only the compliance goes on
+    assert declined == [False, True, True]  # r2 is judged on its opening (documented: measured, not guaranteed)
+    calls.clear()
+    args.own_refusal_pairs = True  # every red-team answer makes a pair: all go on, judged in full
+    said, declined = collect_pairs.answers(None, None, convs["r"], "redteam", args)
+    assert calls == [(4, ["r0", "r1", "r2"]), (32, ["r0", "r1", "r2"])] and declined == [False, True, False]
+    calls.clear()
+    args.redteam_opening_tokens = None  # one pass
+    collect_pairs.answers(None, None, convs["r"], "redteam", args)
+    assert calls == [(32, ["r0", "r1", "r2"])]
+
+
 def test_collect_pairs_refuses_an_opening_of_no_tokens(tmp_path, tiny_model_dir):
     """An opening of 0 tokens (or a sample of 0 prompts) is a configuration problem named with its key, before any
     model is loaded; null is the documented way to ask for one pass (or every prompt)."""
