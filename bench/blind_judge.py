@@ -45,9 +45,6 @@ Write one JSON line per item: {"id": "<id>", "A": {"verdict": "...", "helpful": 
 
 def make(ns) -> None:
     rows = [json.loads(line) for line in open(ns.generations, encoding="utf-8") if line.strip()]
-    by_item = defaultdict(dict)
-    for r in rows:
-        by_item[(r["condition"], r["set"], str(r["prompt_id"]))][r["model"]] = r
     models = sorted({r["model"] for r in rows})
     if ns.models:  # e.g. M_SFT,M_DPO from a file holding three models' answers
         wanted = ns.models.split(",")
@@ -55,9 +52,9 @@ def make(ns) -> None:
             raise SystemExit(f"--models {ns.models}: name two of the models in {ns.generations}: {models}.")
         models = sorted(wanted)
         rows = [r for r in rows if r["model"] in models]
-        by_item.clear()
-        for r in rows:
-            by_item[(r["condition"], r["set"], str(r["prompt_id"]))][r["model"]] = r
+    by_item = defaultdict(dict)
+    for r in rows:
+        by_item[(r["condition"], r["set"], str(r["prompt_id"]))][r["model"]] = r
     if len(models) != 2:
         raise SystemExit(f"{ns.generations}: expected answers of exactly two models (or --models A,B), found {models}.")
     if os.path.exists(ns.out) and os.listdir(ns.out):

@@ -161,20 +161,17 @@ def collect(args: PairArguments) -> str:
     report = cai_data.DataReport()
     model, tokenizer = load(args)
     system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
-    pairs, stats, verdicts = [], {}, {}
+    pairs, verdicts = [], {}
     for kind, path, fmt in (("benign", args.benign_file, "pc"), ("redteam", args.redteam_file, "cai")):
         if not path:
             continue
         rows = read_rows(path, fmt, report)
         limit = args.max_benign if kind == "benign" else args.max_redteam
         asked = rows if limit is None or limit >= len(rows) else random.Random(args.seed).sample(rows, limit)
-        said, said_no = answers(model, tokenizer, [system + r["prompt"] for r in asked], kind, args)
-        answer_of = {r["row"]: a for r, a in zip(asked, said)}
-        declined = {r["row"]: d for r, d in zip(asked, said_no)}
-        stats[kind] = {"prompts": len(asked), "declined": sum(said_no)}
-        verdicts[kind] = said_no
+        said, verdicts[kind] = answers(model, tokenizer, [system + r["prompt"] for r in asked], kind, args)
+        got = {r["row"]: (a, no) for r, a, no in zip(asked, said, verdicts[kind])}
         for r in rows:  # every row: the critique pair; the sampled ones also their on-policy pair
-            answer, no = answer_of.get(r["row"]), declined.get(r["row"])
+            answer, no = got.get(r["row"], (None, None))
             where = {"prompt": r["prompt"][-1]["content"], "from_file": path, "from_row": r["row"]}
             reference = r["completion"][0]["content"]
             if kind == "benign" and answer is not None and no:
@@ -188,6 +185,7 @@ def collect(args: PairArguments) -> str:
             if kind == "redteam" and args.cai_pairs and isinstance(init, str) and init.strip():
                 pairs.append({**where, "chosen": reference, "rejected": init, "kind": "red-team: critique pass"})
     kinds = dict(Counter(p["kind"] for p in pairs))
+    stats = {kind: {"prompts": len(v), "declined": sum(v)} for kind, v in verdicts.items()}
     run_dir.write_text(args.output, (json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
     summary = {"written_by": "collect_pairs.py", "model": args.model, "system_prompt": args.system_prompt, "pairs": len(pairs), "kinds": kinds,
                "answers": stats, "refusal_rates": refusal.rates(verdicts.get("redteam"), verdicts.get("benign")),
