@@ -163,8 +163,7 @@ def check_args(args: EvalArguments) -> dict:
         problems.append(f"sft_model: {args.sft_model} is not a folder. Train first (make demo) or fix the path.")
     elif is_adapter and not base:
         try:
-            with open(os.path.join(args.sft_model, "adapter_config.json"), encoding="utf-8") as f:
-                base = json.load(f).get("base_model_name_or_path")
+            base = adapter_base(args.sft_model)
         except (OSError, ValueError, AttributeError) as e:
             problems.append(f"sft_model: {args.sft_model}/adapter_config.json is not readable JSON ({e}); copy it "
                             "again from the training run.")
@@ -249,18 +248,22 @@ def device_and_dtype(args: EvalArguments):
     return device, getattr(torch, args.dtype)
 
 
+def adapter_base(folder: str) -> str | None:
+    """The base model a LoRA folder's adapter_config.json names; None for a full model (or when it names none)."""
+    config = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config, encoding="utf-8") as f:
+        return json.load(f).get("base_model_name_or_path")
+
+
 def load_dpo(args: EvalArguments, base_path: str, device, dtype):
     """M_DPO: an adapter on the base its adapter_config.json names (M_base, or a full M_SFT), or a full model."""
-    config = os.path.join(args.dpo_model, "adapter_config.json")
-    if not os.path.isfile(config):
+    if not os.path.isfile(os.path.join(args.dpo_model, "adapter_config.json")):
         return load_model(args.dpo_model, args, device, dtype)
-    with open(config, encoding="utf-8") as f:
-        under = json.load(f).get("base_model_name_or_path") or base_path
-    sft_config = os.path.join(args.sft_model, "adapter_config.json")
-    if os.path.isfile(sft_config):
-        with open(sft_config, encoding="utf-8") as f:
-            if json.load(f).get("base_model_name_or_path") == under:
-                under = base_path  # the same M_base as M_SFT's: the one resolved (base_model) is reachable
+    under = adapter_base(args.dpo_model) or base_path
+    if adapter_base(args.sft_model) == under:
+        under = base_path  # the same M_base as M_SFT's: the one resolved (base_model) is reachable
     return load_model(None, args, device, dtype, adapter=args.dpo_model,
                       base_model=load_model(under, args, device, dtype))
 
