@@ -296,7 +296,7 @@ def build_trainer(training_args, model_args, recipe_args, base, tokenizer, train
     }
     quantization = get_quantization_config(model_args)
     if base is None:  # a full M_SFT: DPOTrainer loads it (a new LoRA adapter when use_peft, else full fine-tune)
-        training_args.model_init_kwargs = kwargs
+        training_args.model_init_kwargs = kwargs  # DPOTrainer adds `quantization_config` below (QLoRA), as sft.py
         model, peft_config = model_args.model_name_or_path, sft.peft_config(model_args, recipe_args)
     else:  # M_SFT's adapter on M_base, trainable: DPOTrainer copies it as the frozen reference ("ref" adapter)
         import torch
@@ -326,6 +326,7 @@ def build_trainer(training_args, model_args, recipe_args, base, tokenizer, train
         eval_dataset=eval_ds.select_columns(keep) if eval_ds is not None else None,
         processing_class=tokenizer,
         peft_config=peft_config,
+        quantization_config=quantization if base is None else None,  # the adapter branch loaded M_base with it
     )
     for cb in callbacks.build(trainer, recipe_args, sample_rows):
         trainer.add_callback(cb)

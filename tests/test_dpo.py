@@ -163,6 +163,24 @@ def test_dpo_from_an_sft_adapter_continues_it_against_m_sft(tmp_path, tiny_model
     assert "M_DPO (system prompt)" in proc.stdout
 
 
+def test_qlora_from_a_full_m_sft_loads_it_in_4_bit(tmp_path, tiny_model_dir):
+    """A full M_SFT with use_peft + load_in_4bit: DPOTrainer loads it quantized (bitsandbytes' CPU backend here).
+    The policy's log-probabilities of the first batch differ from the same run in full precision; an ignored
+    load_in_4bit (the recipe once built the model kwargs without it) reproduces them exactly."""
+    data = write_jsonl(tmp_path / "d.jsonl", toy_cai_rows(8))
+    logps = {}
+    for name, quant in (("full", {}), ("qlora", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"})):
+        out = tmp_path / name
+        cfg = tiny_config(tiny_model_dir, data, out, data_format="preference", max_steps=1, eval_strategy="no",
+                          per_device_train_batch_size=2, use_peft=True, lora_r=4, lora_alpha=8,
+                          lora_target_modules=["q_proj", "v_proj"], **quant)
+        run_recipe(cfg, tmp_path, script="dpo.py")
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        logps[name] = history[0]["logps/chosen"]
+        assert json.loads((out / "adapter_config.json").read_text())["r"] == 4  # a new adapter on M_SFT
+    assert abs(logps["full"] - logps["qlora"]) > 1e-4, logps
+
+
 def test_collect_pairs_turns_own_refusals_and_compliances_into_rejected(tmp_path, tiny_model_dir):
     benign = write_jsonl(tmp_path / "benign.jsonl", [{"prompt": f"Name a fruit {i}", "completion": "An apple."}
                                                      for i in range(4)])
