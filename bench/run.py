@@ -8,6 +8,9 @@ bench/worker.py) and each variant (recipes/sft.py with the YAML plus the variant
 subprocess so that peaks are clean, in an order rotated between repetitions. A variant's ratio is taken against the
 baseline of the same repetition; the table shows the median over repetitions. `--set` overrides go to every run,
 the baseline included. Raw runs and the summary go to --out (default bench/results/<config>-<time>.json).
+`--program dpo` does the same for the preference stage: recipes/dpo.py against plain DPOTrainer (bench/worker.py).
+
+    python bench/run.py --program dpo --config recipes/smollm2-135m/dpo_demo.yaml --steps 3 --reps 2
 """
 
 from __future__ import annotations
@@ -128,6 +131,8 @@ def environment() -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--program", choices=["sft", "dpo"], default="sft", help="sft.py vs SFTTrainer, or dpo.py vs "
+                    "DPOTrainer")
     ap.add_argument("--config", default="recipes/smollm2-135m/sft_demo.yaml")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per run; steps 2.. are timed")
     ap.add_argument("--reps", type=int, default=3)
@@ -139,7 +144,8 @@ def main(argv=None):
         ap.error("--steps must be at least 2 (step 1 is warm-up)")
     common = shlex.split(ns.set)
     variants = [parse_variant(v) for v in ns.variant] or [("recipe", [])]
-    plan = [(BASELINE, "trl", common)] + [(name, "recipe", common + args) for name, args in variants]
+    prefix = "dpo-" if ns.program == "dpo" else ""
+    plan = [(BASELINE, prefix + "trl", common)] + [(name, prefix + "recipe", common + args) for name, args in variants]
     names = [p[0] for p in plan]
     if len(set(names)) != len(names):
         ap.error(f"variant names must be unique: {names}")
@@ -172,6 +178,7 @@ def main(argv=None):
         lo, hi = summary[name]["trained_tokens_per_s_ratio_range"]
         print(f"  {name}: trained tok/s ratio per rep from x{lo:.2f} to x{hi:.2f}")
     record = {
+        "program": ns.program,
         "config": ns.config,
         "steps": ns.steps,
         "reps": ns.reps,

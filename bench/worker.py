@@ -2,12 +2,21 @@
 
     python bench/worker.py recipe --config X.yaml --steps 3 --result r.json [-- --packing true ...]
     python bench/worker.py trl    --config X.yaml --steps 3 --result r.json [-- --per_device_train_batch_size 4]
+    python bench/worker.py dpo-recipe --config recipes/mistral-7b/dpo_qlora.yaml --steps 3 --result r.json [-- ...]
+    python bench/worker.py dpo-trl    --config recipes/mistral-7b/dpo_qlora.yaml --steps 3 --result r.json [-- ...]
 
 `recipe` runs recipes/sft.py's own `main()` (data loading, prepare, build_trainer, train) with the given
 overrides. `trl` is the baseline: plain `SFTTrainer` with its defaults (padding, no packing, default attention),
 given the same (prompt, completion) pairs as TRL's standard conversational `prompt`/`completion` columns so that it
 builds its own completion-only labels; it shares the YAML's model, dtype, LoRA, batch size, learning rate,
 max_length, gradient checkpointing and seed. Neither run evaluates or saves: only the training steps are measured.
+
+`dpo-recipe` / `dpo-trl` are the same pair for the preference stage: recipes/dpo.py's `main()` against plain
+`DPOTrainer` given the same (prompt, chosen, rejected) conversations, with the YAML's model, dtype, quantization,
+LoRA, batch (global_batch_size as the recipe derives it), learning rate, beta, loss, max_length and checkpointing.
+"Trained tokens" of a DPO batch are its answer tokens (completion_mask) of chosen and rejected; data prep is the
+reading and checking before the trainer (DPOTrainer's own tokenization, the same in both, is not in it). The recipe
+run saves M_DPO as usual (an adapter; outside the timed steps).
 
 Measured (written to --result as JSON):
   trained tokens   label != -100 in the batches of steps 2..N, per second of those steps (step 1 is warm-up)
@@ -71,7 +80,9 @@ class Meter:
             self.largest_batch = tuple(ids.shape)
         self.all_positions += positions
         if step_before >= 1:
-            self.trained += int((inputs["labels"] != -100).sum())
+            # SFT batches carry labels; DPO batches mark the answer tokens of chosen and rejected in completion_mask
+            trained = inputs["labels"] != -100 if "labels" in inputs else inputs["completion_mask"].bool()
+            self.trained += int(trained.sum())
             self.real += real
             self.positions += positions
 
@@ -127,6 +138,7 @@ def bench_args(config: str, steps: int, out_dir: str, overrides: list[str]) -> l
         "--max_steps", str(steps), "--eval_strategy", "no", "--eval_on_start", "false", "--save_strategy", "no",
         "--num_sample_prompts", "0", "--output_dir", out_dir, "--report_to", "none",
         "--logging_steps", str(steps), "--disable_tqdm", "true",
+        "--rebuild_data_cache", "true",  # data prep measured every run, never a cache hit of an earlier run
     ]  # fmt: skip
 
 
@@ -206,9 +218,87 @@ def run_trl(parsed, meter):
     return trainer
 
 
+def run_dpo_recipe(parsed, meter):
+    import cai_data
+    import dpo
+
+    wrap_timed(cai_data, "load_pairs", meter)
+    wrap_timed(dpo, "prepare", meter)
+    build = dpo.build_trainer
+
+    def build_trainer(training_args, model_args, recipe_args, base, tokenizer, train_ds, eval_ds, sample_rows):
+        meter.examples = len(train_ds) + (len(eval_ds) if eval_ds is not None else 0)
+        meter.rss_before_model = memory_now()
+        trainer = build(training_args, model_args, recipe_args, base, tokenizer, train_ds, eval_ds, sample_rows)
+        instrument(trainer, meter)
+        return trainer
+
+    dpo.build_trainer = build_trainer
+    return dpo.main(*parsed)
+
+
+def run_dpo_trl(parsed, meter):
+    from trl import DPOConfig, DPOTrainer, get_peft_config, get_quantization_config
+
+    import cai_data
+    import chat_format
+    import checks
+
+    script_args, targs, model_args, data_args, recipe_args, pref_args = parsed
+    tokenizer = chat_format.load_tokenizer(model_args.model_name_or_path, pref_args.chat_template_path)
+    with meter.prep():
+        # The same pairs as the recipe (same mixture, system prompt, eval split), as TRL's conversational columns.
+        train, evals, _ = cai_data.load_pairs(script_args, data_args, targs.seed, preference=True)
+        train_ds = train.rename_column("completion", "chosen").select_columns(["prompt", "chosen", "rejected"])
+    meter.examples = len(train_ds) + len(evals)
+    accumulation = targs.gradient_accumulation_steps
+    if recipe_args.global_batch_size:  # the same optimizer batch as the recipe
+        accumulation = checks.accumulation_for(recipe_args.global_batch_size, targs.per_device_train_batch_size, 1)
+    args = DPOConfig(
+        output_dir=targs.output_dir,
+        max_steps=targs.max_steps,
+        per_device_train_batch_size=targs.per_device_train_batch_size,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=targs.learning_rate,
+        lr_scheduler_type=targs.lr_scheduler_type,
+        warmup_steps=targs.warmup_steps,
+        max_length=targs.max_length,
+        beta=targs.beta,
+        loss_type=targs.loss_type,
+        optim=targs.optim,
+        seed=targs.seed,
+        bf16=targs.bf16,
+        use_cpu=targs.use_cpu,
+        gradient_checkpointing=targs.gradient_checkpointing,
+        gradient_checkpointing_kwargs=targs.gradient_checkpointing_kwargs,
+        model_init_kwargs={"dtype": model_args.dtype, "attn_implementation": model_args.attn_implementation},
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        logging_steps=targs.logging_steps,
+        disable_tqdm=True,
+        dataloader_num_workers=targs.dataloader_num_workers,
+    )
+    meter.rss_before_model = memory_now()
+    trainer = DPOTrainer(
+        model=model_args.model_name_or_path,
+        args=args,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        quantization_config=get_quantization_config(model_args),
+    )
+    instrument(trainer, meter)
+    trainer.train()
+    return trainer
+
+
+RUNNERS = {"recipe": run_recipe, "trl": run_trl, "dpo-recipe": run_dpo_recipe, "dpo-trl": run_dpo_trl}
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["recipe", "trl"])
+    ap.add_argument("mode", choices=list(RUNNERS))
     ap.add_argument("--config", required=True)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--result", required=True)
@@ -221,12 +311,12 @@ def main():
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    import sft
+    recipe = __import__("dpo" if ns.mode.startswith("dpo") else "sft")
 
     meter = Meter()
     with tempfile.TemporaryDirectory() as out:
-        parsed = sft.make_parser().parse_args_and_config(bench_args(ns.config, ns.steps, out, ns.overrides))
-        trainer = (run_recipe if ns.mode == "recipe" else run_trl)(parsed, meter)
+        parsed = recipe.make_parser().parse_args_and_config(bench_args(ns.config, ns.steps, out, ns.overrides))
+        trainer = RUNNERS[ns.mode](parsed, meter)
     peak, peak_kind = peak_memory()
     steps = sorted(meter.step_end)
     if len(steps) < 2:
@@ -253,7 +343,7 @@ def main():
         "prep_examples": meter.examples,
         "prep_seconds": meter.prep_s,
         "prep_examples_per_s": meter.examples / meter.prep_s,
-        "packing": bool(trainer.args.packing),
+        "packing": bool(getattr(trainer.args, "packing", False)),
         "padding_free": bool(getattr(trainer, "padding_free", False)),
         "gradient_checkpointing": bool(targs.gradient_checkpointing),
         "attn_implementation": trainer.model.config._attn_implementation,
@@ -271,7 +361,7 @@ def memory_estimate(parsed, meter, result) -> dict:
     """recipes/memory.py's estimate for the largest micro-batch this run saw, next to the measured increase."""
     import memory
 
-    _, targs, model_args, _, _ = parsed
+    targs, model_args = parsed[1], parsed[2]
     rows, positions = meter.largest_batch
     config = memory.load_config(model_args.model_name_or_path)
     device = result["device"]
