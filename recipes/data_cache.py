@@ -24,6 +24,8 @@ import shutil
 import socket
 import time
 
+import arrow_pages
+
 MANIFEST = "manifest.json"
 TMP = ".tmp-"
 SPLITS = ("train", "eval", "eval_pairs")
@@ -127,7 +129,13 @@ def prepared(root: str, cache_key: str, build, rebuild: bool = False, say=print)
     """(train, eval, eval_pairs, report dict) from `<root>/<key>`, or from `build(work_dir)` (then kept there).
 
     `build` gets a folder for datasets' intermediate files (removed afterwards) and returns the same four things.
+    The Arrow pages this process reads meanwhile leave its RSS again (arrow_pages.py): memory bounded at any size.
     """
+    with arrow_pages.released_while_running():
+        return _prepared(root, cache_key, build, rebuild, say)
+
+
+def _prepared(root: str, cache_key: str, build, rebuild: bool, say):
     folder = os.path.join(root, cache_key[:32])
     os.makedirs(root, exist_ok=True)
     if os.path.isdir(folder):

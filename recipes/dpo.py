@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules, also under `accelerate launch`
 
+import arrow_pages  # noqa: E402
 import cai_data  # noqa: E402
 import chat_format  # noqa: E402
 import checks  # noqa: E402
@@ -215,7 +216,8 @@ def prepare(pairs, fmt, max_length, report, split, num_proc=None):
         "drop": Value("string"), "at": Value("string"), "changes": List({"reason": Value("string"),
                                                                           "at": Value("string")}),
     })  # fmt: skip
-    ds = pairs.map(tokenize_batch, batched=True, remove_columns=pairs.column_names, features=features,
+    ds = pairs.map(arrow_pages.drops_read_pages(tokenize_batch), batched=True, remove_columns=pairs.column_names,
+                   features=features,
                    fn_kwargs={"fmt": fmt, "max_length": max_length, "split": split},
                    num_proc=cai_data.procs(pairs, num_proc), desc=f"tokenizing {split} pairs",
                    load_from_cache_file=False)

@@ -31,6 +31,7 @@ import sys
 import time
 import zipfile
 
+import arrow_pages
 import checks
 import env
 
@@ -759,6 +760,7 @@ def write_preview(train_ds, tokenizer, training_args, model_args, report, limit:
     longest = 0
     for table in train_ds.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=100_000):
         longest = max(longest, pc.max(pc.list_value_length(table["input_ids"])).as_py() or 0)
+        arrow_pages.release_read_pages()  # RSS bounded at any size (arrow_pages.py)
     first = train_ds[0]
     print("\nFirst training example (trained tokens highlighted):")
     print(_render_labels(tokenizer, first["input_ids"], first["labels"], sys.stdout.isatty()))

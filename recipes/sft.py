@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules, also under `accelerate launch`
 
+import arrow_pages  # noqa: E402
 import cai_data  # noqa: E402
 import chat_format  # noqa: E402
 import checks  # noqa: E402
@@ -253,7 +254,9 @@ def prepare(pairs, fmt, max_length, report, split, num_proc=None):
         return None
     if isinstance(pairs, list):  # a few rows built by hand (tests, tools)
         pairs = datasets.Dataset.from_list(pairs)
-    ds = pairs.map(tokenize_batch, batched=True, remove_columns=pairs.column_names, features=tokenized_features(),
+    # arrow_pages: each worker lets go of the Arrow pages it has read, so memory stays flat at any size
+    ds = pairs.map(arrow_pages.drops_read_pages(tokenize_batch), batched=True, remove_columns=pairs.column_names,
+                   features=tokenized_features(),
                    fn_kwargs={"fmt": fmt, "max_length": max_length, "split": split},
                    num_proc=cai_data.procs(pairs, num_proc), desc=f"tokenizing {split}",
                    load_from_cache_file=False)  # the data cache decides reuse, on a key of every input
