@@ -126,6 +126,8 @@ def main(argv=None):
     for side in ("recipe", "trl"):
         if ns.only and side != ns.only:
             continue
+        for cache in ("cache", "hf"):  # a first run prepares from scratch, also in a reused --work folder
+            shutil.rmtree(os.path.join(work, cache), ignore_errors=True)
         for run in ("first", "rerun"):
             out_dir = os.path.join(work, f"{side}-{run}")
             shutil.rmtree(out_dir, ignore_errors=True)

@@ -34,7 +34,7 @@ TEMPLATE="--chat_template_path recipes/templates/cai_seed.jinja"  # the stand-in
 
 echo "== 1. dpo.py vs plain DPOTrainer, $STEPS steps x $REPS reps"
 $PY bench/run.py --program dpo --config recipes/mistral-7b/dpo_qlora.yaml --steps "$STEPS" --reps "$REPS" \
-  --set "$DATA $TEMPLATE" --out "$RESULTS/gpu_7b_dpo_qlora.json" || echo "== 1. FAILED (logs in $RESULTS); going on to 2."
+  --set "$DATA $TEMPLATE" --out "$RESULTS/gpu_7b_dpo_qlora.json" || FAILED="part 1 (logs in $RESULTS)"
 
 echo "== 2. the hand-off: sft.py (QLoRA adapter) -> dpo.py (adapter continued, held-out pairs evaluated)"
 t0=$(date +%s)
@@ -62,3 +62,4 @@ evals = [(h["step"], round(h["eval_loss"], 4), h.get("eval_rewards/accuracies"))
 print(f"sft.py {sft_s}s, dpo.py {dpo_s}s; M_DPO: {record['m_dpo_files']}; eval (step, loss, reward acc): {evals}")
 assert "adapter_model.safetensors" in record["m_dpo_files"] and "ref" not in record["m_dpo_files"]
 EOF
+if [ -n "${FAILED:-}" ]; then echo "FAILED: $FAILED"; exit 1; fi

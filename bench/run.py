@@ -133,13 +133,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--program", choices=["sft", "dpo"], default="sft", help="sft.py vs SFTTrainer, or dpo.py vs "
                     "DPOTrainer")
-    ap.add_argument("--config", default="recipes/smollm2-135m/sft_demo.yaml")
+    ap.add_argument("--config", help="the recipe's YAML (default: the SmolLM2 demo's sft_demo.yaml or dpo_demo.yaml)")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per run; steps 2.. are timed")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--set", default="", help="overrides for every run, baseline included (one quoted string)")
     ap.add_argument("--variant", action="append", default=[], help="'name: --key value ...', a recipe run")
     ap.add_argument("--out", default=None)
     ns = ap.parse_args(argv)
+    ns.config = ns.config or f"recipes/smollm2-135m/{ns.program}_demo.yaml"
     if ns.steps < 2:
         ap.error("--steps must be at least 2 (step 1 is warm-up)")
     common = shlex.split(ns.set)

@@ -250,9 +250,9 @@ def run_dpo_trl(parsed, meter):
         # The same pairs as the recipe (same mixture, system prompt, eval split), as TRL's conversational columns.
         train, evals, _ = cai_data.load_pairs(script_args, data_args, targs.seed, preference=True)
         train_ds = train.rename_column("completion", "chosen").select_columns(["prompt", "chosen", "rejected"])
-    meter.examples = len(train_ds) + len(evals)
+    meter.examples = len(train_ds) + (len(evals) if evals is not None else 0)
     accumulation = targs.gradient_accumulation_steps
-    if recipe_args.global_batch_size:  # the same optimizer batch as the recipe
+    if recipe_args.global_batch_size:  # the same optimizer batch as the recipe (the bench runs one process)
         accumulation = checks.accumulation_for(recipe_args.global_batch_size, targs.per_device_train_batch_size, 1)
     args = DPOConfig(
         output_dir=targs.output_dir,
@@ -269,8 +269,8 @@ def run_dpo_trl(parsed, meter):
         seed=targs.seed,
         bf16=targs.bf16,
         use_cpu=targs.use_cpu,
-        gradient_checkpointing=targs.gradient_checkpointing,
-        gradient_checkpointing_kwargs=targs.gradient_checkpointing_kwargs,
+        activation_checkpointing=targs.activation_checkpointing,
+        activation_checkpointing_kwargs=targs.activation_checkpointing_kwargs,
         model_init_kwargs={"dtype": model_args.dtype, "attn_implementation": model_args.attn_implementation},
         eval_strategy="no",
         save_strategy="no",

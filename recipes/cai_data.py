@@ -548,7 +548,8 @@ def _open_local(path: str, num_proc: int | None, cache_dir: str | None) -> Part:
         except Exception as e:  # noqa: BLE001 - bad UTF-8 and the like: the decoder names the line
             _decode(_read_bytes(path), path)
             raise DataError(f"{path}: could not read it ({type(e).__name__}: {e}).") from None
-        scan = ds.map(arrow_pages.drops_read_pages(_scan_json_lines), batched=True, remove_columns=["text"],
+        # DropsReadPages: each worker lets go of the Arrow pages it has read (RSS flat at any size)
+        scan = ds.map(arrow_pages.DropsReadPages(_scan_json_lines), batched=True, remove_columns=["text"],
                       num_proc=procs(ds, num_proc),
                       load_from_cache_file=False,
                       desc=f"checking {os.path.basename(path)}")
@@ -931,7 +932,7 @@ def normalize_parts(parts: list[Part], source: dict, split: str, data_args: CAID
     done = []
     for part in parts:
         done.append(part.ds.map(
-            arrow_pages.drops_read_pages(_normalize_batch), batched=True, with_indices=True,
+            arrow_pages.DropsReadPages(_normalize_batch), batched=True, with_indices=True,
             remove_columns=part.ds.column_names,
             features=pair_features(), num_proc=procs(part.ds, num_proc), desc=f"checking rows of {part.label}",
             load_from_cache_file=False,  # datasets hashes module functions by name: an edit would reuse rows
@@ -1213,7 +1214,7 @@ def wrap_jailbreaks(parts: list, sources: list[dict], names: list[str], seed: in
         chosen = jailbreaks.chosen_rows(len(part), f, seed + k)
         which = np.full(len(part), -1, np.int32)
         which[chosen] = np.arange(len(chosen)) % len(templates)  # templates in turn, each used about equally
-        part = part.map(arrow_pages.drops_read_pages(_wrap_batch), batched=True, with_indices=True,
+        part = part.map(arrow_pages.DropsReadPages(_wrap_batch), batched=True, with_indices=True,
                         num_proc=procs(part, num_proc),
                         fn_kwargs={"which": which, "templates": templates}, desc="jailbreak wrappers",
                         load_from_cache_file=False)

@@ -86,9 +86,12 @@ def _load(folder: str):
 
 
 def _save(folder: str, train, eval_ds, eval_pairs, report: dict) -> None:
-    for name, ds in zip(SPLITS, (train, eval_ds, eval_pairs)):
-        if ds is not None:
-            ds.save_to_disk(os.path.join(folder, name))
+    # Saving reads every page of the prepared data: they leave this process's RSS as it goes (arrow_pages.py).
+    # No worker is forked meanwhile (save_to_disk without num_proc), so the releasing thread never meets a fork.
+    with arrow_pages.released_while_running():
+        for name, ds in zip(SPLITS, (train, eval_ds, eval_pairs)):
+            if ds is not None:
+                ds.save_to_disk(os.path.join(folder, name))
     with open(os.path.join(folder, "report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f)
     files = {n: [os.path.getsize(os.path.join(folder, n)), file_digest(os.path.join(folder, n))] for n in _files(folder)}
@@ -129,13 +132,7 @@ def prepared(root: str, cache_key: str, build, rebuild: bool = False, say=print)
     """(train, eval, eval_pairs, report dict) from `<root>/<key>`, or from `build(work_dir)` (then kept there).
 
     `build` gets a folder for datasets' intermediate files (removed afterwards) and returns the same four things.
-    The Arrow pages this process reads meanwhile leave its RSS again (arrow_pages.py): memory bounded at any size.
     """
-    with arrow_pages.released_while_running():
-        return _prepared(root, cache_key, build, rebuild, say)
-
-
-def _prepared(root: str, cache_key: str, build, rebuild: bool, say):
     folder = os.path.join(root, cache_key[:32])
     os.makedirs(root, exist_ok=True)
     if os.path.isdir(folder):

@@ -216,7 +216,8 @@ def prepare(pairs, fmt, max_length, report, split, num_proc=None):
         "drop": Value("string"), "at": Value("string"), "changes": List({"reason": Value("string"),
                                                                           "at": Value("string")}),
     })  # fmt: skip
-    ds = pairs.map(arrow_pages.drops_read_pages(tokenize_batch), batched=True, remove_columns=pairs.column_names,
+    # arrow_pages: each worker lets go of the Arrow pages it has read, so memory stays flat at any size
+    ds = pairs.map(arrow_pages.DropsReadPages(tokenize_batch), batched=True, remove_columns=pairs.column_names,
                    features=features,
                    fn_kwargs={"fmt": fmt, "max_length": max_length, "split": split},
                    num_proc=cai_data.procs(pairs, num_proc), desc=f"tokenizing {split} pairs",
