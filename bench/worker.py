@@ -182,29 +182,14 @@ def run_trl(parsed, meter):
         train_ds = datasets.Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in train])
         eval_ds = datasets.Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in evals])
     meter.examples = len(train_ds) + len(eval_ds)
-    args = SFTConfig(
-        output_dir=targs.output_dir,
-        max_steps=targs.max_steps,
-        per_device_train_batch_size=targs.per_device_train_batch_size,
+    args = SFTConfig(**baseline_settings(
+        targs,
         gradient_accumulation_steps=targs.gradient_accumulation_steps,
-        learning_rate=targs.learning_rate,
-        lr_scheduler_type=targs.lr_scheduler_type,
-        warmup_steps=targs.warmup_steps,
-        max_length=targs.max_length,
-        seed=targs.seed,
-        bf16=targs.bf16,
-        use_cpu=targs.use_cpu,  # bf16 on a CPU needs it, as in the recipe
         gradient_checkpointing=targs.gradient_checkpointing,  # TRL defaults to True; a trade-off, so matched
         model_init_kwargs={"dtype": model_args.dtype},  # same weights dtype as the recipe
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        logging_steps=targs.logging_steps,
-        disable_tqdm=True,
-        dataloader_num_workers=targs.dataloader_num_workers,
-    )
-    meter.rss_before_model = memory_now()
-    trainer = SFTTrainer(
+    ))
+    meter.rss_before_model = memory_now()  # before the trainer loads the model
+    return train_baseline(SFTTrainer(
         model=model_args.model_name_or_path,
         args=args,
         train_dataset=train_ds,
@@ -212,7 +197,34 @@ def run_trl(parsed, meter):
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
+    ), meter)
+
+
+def baseline_settings(targs, **specific) -> dict:
+    """The settings both plain-TRL baselines take from the recipe's YAML (plus their own): same steps, batch, learning
+    rate, length, seed and precision; no evaluation or saving."""
+    return dict(
+        output_dir=targs.output_dir,
+        max_steps=targs.max_steps,
+        per_device_train_batch_size=targs.per_device_train_batch_size,
+        learning_rate=targs.learning_rate,
+        lr_scheduler_type=targs.lr_scheduler_type,
+        warmup_steps=targs.warmup_steps,
+        max_length=targs.max_length,
+        seed=targs.seed,
+        bf16=targs.bf16,
+        use_cpu=targs.use_cpu,  # bf16 on a CPU needs it, as in the recipe
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        logging_steps=targs.logging_steps,
+        disable_tqdm=True,
+        dataloader_num_workers=targs.dataloader_num_workers,
+        **specific,
     )
+
+
+def train_baseline(trainer, meter):
     instrument(trainer, meter)
     trainer.train()
     return trainer
@@ -254,43 +266,25 @@ def run_dpo_trl(parsed, meter):
     accumulation = targs.gradient_accumulation_steps
     if recipe_args.global_batch_size:  # the same optimizer batch as the recipe (the bench runs one process)
         accumulation = checks.accumulation_for(recipe_args.global_batch_size, targs.per_device_train_batch_size, 1)
-    args = DPOConfig(
-        output_dir=targs.output_dir,
-        max_steps=targs.max_steps,
-        per_device_train_batch_size=targs.per_device_train_batch_size,
+    args = DPOConfig(**baseline_settings(
+        targs,
         gradient_accumulation_steps=accumulation,
-        learning_rate=targs.learning_rate,
-        lr_scheduler_type=targs.lr_scheduler_type,
-        warmup_steps=targs.warmup_steps,
-        max_length=targs.max_length,
         beta=targs.beta,
         loss_type=targs.loss_type,
         optim=targs.optim,
-        seed=targs.seed,
-        bf16=targs.bf16,
-        use_cpu=targs.use_cpu,
         activation_checkpointing=targs.activation_checkpointing,
         activation_checkpointing_kwargs=targs.activation_checkpointing_kwargs,
         model_init_kwargs={"dtype": model_args.dtype, "attn_implementation": model_args.attn_implementation},
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        logging_steps=targs.logging_steps,
-        disable_tqdm=True,
-        dataloader_num_workers=targs.dataloader_num_workers,
-    )
-    meter.rss_before_model = memory_now()
-    trainer = DPOTrainer(
+    ))
+    meter.rss_before_model = memory_now()  # before the trainer loads the model
+    return train_baseline(DPOTrainer(
         model=model_args.model_name_or_path,
         args=args,
         train_dataset=train_ds,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
-    )
-    instrument(trainer, meter)
-    trainer.train()
-    return trainer
+    ), meter)
 
 
 RUNNERS = {"recipe": run_recipe, "trl": run_trl, "dpo-recipe": run_dpo_recipe, "dpo-trl": run_dpo_trl}
