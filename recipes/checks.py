@@ -198,6 +198,7 @@ RANGES = {
     "vocab_size": (260, True, INF, False), "num_gpus": (1, True, INF, False),
     "redteam_opening_tokens": (1, True, INF, False), "benign_opening_tokens": (1, True, INF, False),
     "max_benign": (1, True, INF, False), "max_redteam": (1, True, INF, False),
+    "redteam_samples": (1, True, INF, False), "redteam_temperature": (0, False, INF, False),
 }
 
 

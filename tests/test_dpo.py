@@ -196,7 +196,8 @@ def test_collect_pairs_turns_own_refusals_and_compliances_into_rejected(tmp_path
     # A random tiny model never opens with a refusal: every red-team answer is a compliance; no benign pair.
     kinds = summary["kinds"]
     assert kinds == {"red-team: own compliance": 3, "red-team: critique pass": 3}, kinds
-    assert summary["answers"] == {"benign": {"prompts": 4, "declined": 0}, "redteam": {"prompts": 3, "declined": 0}}
+    assert summary["answers"] == {"benign": {"prompts": 4, "answers": 4, "declined": 0},
+                                 "redteam": {"prompts": 3, "answers": 3, "declined": 0}}
     for p in pairs:
         assert p["chosen"].startswith("I can't help with breaking into homes")
     # The pairs' answers were written out past the 3-token opening, to the same text as one 8-token pass (which is
@@ -215,6 +216,30 @@ def test_collect_pairs_turns_own_refusals_and_compliances_into_rejected(tmp_path
     refused = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert refused.returncode == 2 and "was not written by collect_pairs.py" in refused.stdout + refused.stderr
     assert foreign.read_text() == "keep me\n"
+
+
+def test_sampled_red_team_answers_give_one_pair_per_distinct_compliance(tmp_path, tiny_model_dir):
+    """redteam_samples 3 at a temperature: each red-team prompt is answered 3 times, sampled; each distinct
+    compliance is a pair (a random tiny model never declines, and its samples differ), and the seed repeats them."""
+    red = write_jsonl(tmp_path / "red.jsonl", toy_cai_rows(2))
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.jsonl"
+        cmd = [PYTHON, str(ROOT / "tools" / "collect_pairs.py"), "--model", tiny_model_dir, "--benign_file", "null",
+               "--redteam_file", red, "--output", str(out), "--max_new_tokens", "8", "--redteam_opening_tokens",
+               "null", "--redteam_samples", "3", "--redteam_temperature", "1.0", "--batch_size", "4"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append([json.loads(line) for line in out.read_text().splitlines()])
+        summary = json.loads((tmp_path / f"{name}.jsonl.summary.json").read_text())
+        assert summary["answers"] == {"redteam": {"prompts": 2, "answers": 6, "declined": 0}}
+        assert summary["kinds"] == {"red-team: own compliance": 6, "red-team: critique pass": 2}, summary["kinds"]
+    own = [p["rejected"] for p in runs[0] if p["kind"] == "red-team: own compliance"]
+    assert len(set(own)) == 6, own
+    assert runs[0] == runs[1]
+    greedy = [*cmd[:cmd.index("--redteam_temperature")], "--output", str(tmp_path / "c.jsonl")]
+    refused = subprocess.run(greedy, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert refused.returncode == 2 and "need redteam_temperature" in refused.stdout + refused.stderr
 
 
 def test_two_pass_answers_write_out_only_the_answers_that_make_pairs(monkeypatch):

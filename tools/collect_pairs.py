@@ -11,7 +11,9 @@
   `chosen` after a harmful prompt and `rejected` after a benign one. On the demo's 135M M_SFT that lowered the
   balanced refusal accuracy (docs/EVALUATION.md, "The preference stage"), hence off.
 
-Answers are greedy, with the system prompt M_SFT was trained with and the generation_config saved with it. Where
+Answers are greedy, with the system prompt M_SFT was trained with and the generation_config saved with it; red-team
+answers may instead be sampled (`redteam_temperature`), several per prompt (`redteam_samples`), each distinct
+compliance a pair (on the demo's M_SFT that did not help: docs/EVALUATION.md). Where
 most answers make no pair (red-team prompts an M_SFT declines), each is first written to `redteam_opening_tokens`,
 where the refusal verdict shows, and only those that make a pair are written out to `max_new_tokens`. Output:
 a jsonl of {prompt, chosen, rejected, kind, from_file, from_row} (dpo.py reads it: `format: preference`) and, beside it,
@@ -71,12 +73,21 @@ class PairArguments:
     redteam_opening_tokens: int | None = field(
         default=12, metadata={"help": "The same for red-team prompts, where only compliances become pairs. On the "
                               "demo's M_SFT the verdict at 12 tokens equals that at 32 on 256 of 256 answers."})
+    redteam_samples: int = field(
+        default=1, metadata={"help": "Answers per red-team prompt; with more than 1, sampled at redteam_temperature "
+                             "and each distinct compliance makes a pair."})
+    redteam_temperature: float | None = field(
+        default=None, metadata={"help": "Sample the red-team answers at this temperature (null: greedy). A greedy "
+                                "M_SFT shows only its likeliest answer; sampling finds the compliances it still "
+                                "gives some of the time, which are the ones the preference stage can make likelier."})
     batch_size: int = field(default=16)
     seed: int = field(default=42)
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an --output this tool did not write."})
 
     def __post_init__(self):
         self.system_prompt = cai_data.none_if_null(self.system_prompt)
+        self.benign_file = cai_data.none_if_null(self.benign_file)  # `--benign_file null` skips it, as in YAML
+        self.redteam_file = cai_data.none_if_null(self.redteam_file)
 
 
 def problems(cfg: dict) -> list[str]:
@@ -85,12 +96,16 @@ def problems(cfg: dict) -> list[str]:
             os.path.join(cfg["model"], "adapter_config.json")):
         p.append(f"model: {cfg['model']} holds no model (config.json) or adapter (adapter_config.json); point it at "
                  "sft.py's output_dir (`make demo` writes outputs/smollm2-135m-cai-sft).")
-    for key in ("benign_file", "redteam_file"):
-        if cfg.get(key) and not os.path.isfile(cfg[key]):
-            p.append(f"{key}: {cfg[key]} does not exist{checks.where(cfg[key])}. Fix the path, or null to skip it.")
-    if not cfg.get("benign_file") and not cfg.get("redteam_file"):
+    files = {key: cai_data.none_if_null(cfg.get(key)) for key in ("benign_file", "redteam_file")}
+    for key, path in files.items():
+        if path and not os.path.isfile(path):
+            p.append(f"{key}: {path} does not exist{checks.where(path)}. Fix the path, or null to skip it.")
+    if not any(files.values()):
         p.append("benign_file / redteam_file: both unset; give at least one.")
-    inputs = {k: cfg.get(k) for k in ("model", "benign_file", "redteam_file")}
+    if (cfg.get("redteam_samples") or 1) > 1 and not cai_data.none_if_null(cfg.get("redteam_temperature")):
+        p.append(f"redteam_samples: {cfg['redteam_samples']} answers per prompt need redteam_temperature (greedy "
+                 "answers repeat each other); set it, e.g. 1.0, or redteam_samples: 1.")
+    inputs = {"model": cfg.get("model"), **files}
     return p + run_dir.file_problems("output", cfg.get("output"), bool(cfg.get("overwrite_output_dir")), inputs,
                                      is_own=written_here, program="collect_pairs.py")
 
@@ -141,25 +156,31 @@ def answers(model, tokenizer, conversations: list[list[dict]], kind: str, args: 
     answer is judged on its opening. Measured on the demo's M_SFT: 256 of 256 verdicts at 12 tokens equal at 32."""
     opening = args.benign_opening_tokens if kind == "benign" else args.redteam_opening_tokens
     short = min(opening or args.max_new_tokens, args.max_new_tokens)
+    sample = {"do_sample": True, "temperature": args.redteam_temperature} if kind == "redteam" and \
+        args.redteam_temperature else {}
     said = generation.generate_answers(model, tokenizer, conversations, short, args.batch_size, progress=True,
-                                       desc=f"M_SFT opens its answers to {kind} prompts")
+                                       desc=f"M_SFT opens its answers to {kind} prompts", **sample)
     declined = [refusal.is_refusal(a["answer"]) for a in said]
     pair = [d if kind == "benign" else not d or args.own_refusal_pairs for d in declined]
     rest = [i for i, a in enumerate(said) if pair[i] and not a["stopped_cleanly"] and short < args.max_new_tokens]
     if rest:
         full = generation.generate_answers(model, tokenizer, [conversations[i] for i in rest], args.max_new_tokens,
-                                           args.batch_size, progress=True, desc=f"M_SFT's {kind} answers in full")
+                                           args.batch_size, progress=True, desc=f"M_SFT's {kind} answers in full",
+                                           **sample)  # sampled: a new answer, judged again below
         for i, a in zip(rest, full):
             said[i], declined[i] = a, refusal.is_refusal(a["answer"])
     return [a["answer"] for a in said], declined
 
 
 def collect(args: PairArguments) -> str:
+    from transformers import set_seed
+
     lock = run_dir.RunLock(args.output, "collect_pairs.py", inside=False)
     lock.acquire()
     started = time.time()
     report = cai_data.DataReport()
     model, tokenizer = load(args)
+    set_seed(args.seed)  # sampled red-team answers repeat run to run
     system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
     pairs, verdicts = [], {}
     for kind, path, fmt in (("benign", args.benign_file, "pc"), ("redteam", args.redteam_file, "cai")):
@@ -168,24 +189,32 @@ def collect(args: PairArguments) -> str:
         rows = read_rows(path, fmt, report)
         limit = args.max_benign if kind == "benign" else args.max_redteam
         asked = rows if limit is None or limit >= len(rows) else random.Random(args.seed).sample(rows, limit)
-        said, verdicts[kind] = answers(model, tokenizer, [system + r["prompt"] for r in asked], kind, args)
-        got = {r["row"]: (a, no) for r, a, no in zip(asked, said, verdicts[kind])}
-        for r in rows:  # every row: the critique pair; the sampled ones also their on-policy pair
-            answer, no = got.get(r["row"], (None, None))
+        times = args.redteam_samples if kind == "redteam" else 1  # answers per prompt, one after the other
+        said, verdicts[kind] = answers(model, tokenizer, [system + r["prompt"] for r in asked] * times, kind, args)
+        got = {}
+        for r, a, no in zip(asked * times, said, verdicts[kind]):
+            got.setdefault(r["row"], []).append((a, no))
+        for r in rows:  # every row: the critique pair; the answered ones also their on-policy pairs
+            said_here = got.get(r["row"], [])
             where = {"prompt": r["prompt"][-1]["content"], "from_file": path, "from_row": r["row"]}
             reference = r["completion"][0]["content"]
-            if kind == "benign" and answer is not None and no:
-                pairs.append({**where, "chosen": reference, "rejected": answer, "kind": "benign: own refusal"})
-            if kind == "redteam" and answer is not None and not no and answer.strip():
-                pairs.append({**where, "chosen": reference, "rejected": answer, "kind": "red-team: own compliance"})
+            if kind == "benign":
+                for answer in dict.fromkeys(a for a, no in said_here if no):
+                    pairs.append({**where, "chosen": reference, "rejected": answer, "kind": "benign: own refusal"})
+            if kind == "redteam":  # each distinct compliance of a sampled M_SFT is a pair
+                for answer in dict.fromkeys(a for a, no in said_here if not no and a.strip()):
+                    pairs.append({**where, "chosen": reference, "rejected": answer,
+                                  "kind": "red-team: own compliance"})
             init = r["raw"].get("init_response")
             has_init = isinstance(init, str) and init.strip() and not refusal.is_refusal(init)
-            if kind == "redteam" and answer is not None and no and args.own_refusal_pairs and has_init:
-                pairs.append({**where, "chosen": answer, "rejected": init, "kind": "red-team: own refusal"})
+            own_refusal = next((a for a, no in said_here if no), None)
+            if kind == "redteam" and own_refusal is not None and args.own_refusal_pairs and has_init:
+                pairs.append({**where, "chosen": own_refusal, "rejected": init, "kind": "red-team: own refusal"})
             if kind == "redteam" and args.cai_pairs and isinstance(init, str) and init.strip():
                 pairs.append({**where, "chosen": reference, "rejected": init, "kind": "red-team: critique pass"})
     kinds = dict(Counter(p["kind"] for p in pairs))
-    stats = {kind: {"prompts": len(v), "declined": sum(v)} for kind, v in verdicts.items()}
+    stats = {kind: {"prompts": len(v) // (args.redteam_samples if kind == "redteam" else 1), "answers": len(v),
+                    "declined": sum(v)} for kind, v in verdicts.items()}
     run_dir.write_text(args.output, (json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
     summary = {"written_by": "collect_pairs.py", "model": args.model, "system_prompt": args.system_prompt, "pairs": len(pairs), "kinds": kinds,
                "answers": stats, "refusal_rates": refusal.rates(verdicts.get("redteam"), verdicts.get("benign")),
@@ -193,7 +222,7 @@ def collect(args: PairArguments) -> str:
     run_dir.write_text(args.output + ".summary.json", json.dumps(summary, indent=2))
     print(f"Wrote {len(pairs)} pairs to {args.output}: " + ", ".join(f"{k} {v}" for k, v in kinds.items()))
     for kind, s in stats.items():
-        print(f"  M_SFT declined {s['declined']} of {s['prompts']} {kind} prompts")
+        print(f"  M_SFT declined {s['declined']} of {s['answers']} answers to {s['prompts']} {kind} prompts")
     lock.release()
     return args.output
 
