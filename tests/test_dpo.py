@@ -237,9 +237,46 @@ def test_sampled_red_team_answers_give_one_pair_per_distinct_compliance(tmp_path
     own = [p["rejected"] for p in runs[0] if p["kind"] == "red-team: own compliance"]
     assert len(set(own)) == 6, own
     assert runs[0] == runs[1]
-    greedy = [*cmd[:cmd.index("--redteam_temperature")], "--output", str(tmp_path / "c.jsonl")]
-    refused = subprocess.run(greedy, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert refused.returncode == 2 and "need redteam_temperature" in refused.stdout + refused.stderr
+    sys.path.insert(0, str(ROOT / "tools"))
+    import collect_pairs
+
+    greedy = {"model": tiny_model_dir, "redteam_file": red, "output": str(tmp_path / "c.jsonl"), "redteam_samples": 3}
+    assert any("need redteam_temperature" in p for p in collect_pairs.problems(greedy))
+    assert not collect_pairs.problems({**greedy, "redteam_temperature": 1.0})
+
+
+def test_sampled_answers_repeating_a_compliance_give_one_pair(tmp_path, monkeypatch):
+    """collect_pairs.collect with generation stubbed: 3 sampled answers per red-team prompt, two of them the same
+    compliance and one a refusal, give one own-compliance pair per distinct compliance; sampling reaches generation
+    and the answers come in one pass to max_new_tokens."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import collect_pairs
+    import generation
+
+    red = write_jsonl(tmp_path / "red.jsonl", toy_cai_rows(2))
+    calls = []
+
+    def fake(model, tok, convs, max_new_tokens, batch_size, **kw):
+        calls.append((max_new_tokens, len(convs), kw.get("do_sample"), kw.get("temperature")))
+        # the prompts come as [row 0, row 1] x 3: row 0 says "one", "one", a refusal; row 1 a refusal, "two", another
+        texts = ["Sure, step one.", "I can't help with that.", "Sure, step one.", "Sure, step two.",
+                 "I can't help with that.", "I won't do that."]
+        return [{"answer": t, "stopped_cleanly": True, "new_tokens": 3} for t in texts]
+
+    monkeypatch.setattr(generation, "generate_answers", fake)
+    monkeypatch.setattr(collect_pairs, "load", lambda args: (None, None))
+    out = tmp_path / "pairs.jsonl"
+    args = collect_pairs.PairArguments(model="m", benign_file=None, redteam_file=red, output=str(out),
+                                       max_new_tokens=32, redteam_opening_tokens=4, redteam_samples=3,
+                                       redteam_temperature=0.7)
+    collect_pairs.collect(args)
+    assert calls == [(32, 6, True, 0.7)]
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    own = [(p["from_row"], p["rejected"]) for p in pairs if p["kind"] == "red-team: own compliance"]
+    assert own == [(0, "Sure, step one."), (1, "Sure, step two.")], own  # row 0 said it twice: one pair
+    summary = json.loads((tmp_path / "pairs.jsonl.summary.json").read_text())
+    assert summary["answers"] == {"redteam": {"prompts": 2, "answers": 6, "declined": 3}}
+    assert summary["redteam_answers"] == {"temperature": 0.7, "samples_per_prompt": 3, "seed": 42}
 
 
 def test_two_pass_answers_write_out_only_the_answers_that_make_pairs(monkeypatch):

@@ -75,11 +75,12 @@ class PairArguments:
                               "demo's M_SFT the verdict at 12 tokens equals that at 32 on 256 of 256 answers."})
     redteam_samples: int = field(
         default=1, metadata={"help": "Answers per red-team prompt; with more than 1, sampled at redteam_temperature "
-                             "and each distinct compliance makes a pair."})
+                             "and each distinct compliance makes a pair (with own_refusal_pairs, its first refusal)."})
     redteam_temperature: float | None = field(
         default=None, metadata={"help": "Sample the red-team answers at this temperature (null: greedy). A greedy "
                                 "M_SFT shows only its likeliest answer; sampling finds the compliances it still "
-                                "gives some of the time, which are the ones the preference stage can make likelier."})
+                                "gives some of the time, which are the ones the preference stage can make likelier. "
+                                "Sampled answers are written in one pass to max_new_tokens (no opening pass)."})
     batch_size: int = field(default=16)
     seed: int = field(default=42)
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an --output this tool did not write."})
@@ -149,15 +150,16 @@ def load(args: PairArguments):
 
 
 def answers(model, tokenizer, conversations: list[list[dict]], kind: str, args: PairArguments):
-    """M_SFT's greedy answers and whether each declines. With an opening length for the kind, in two passes: the
-    opening of every answer, then in full only those whose verdict makes a pair (a benign refusal, a red-team
-    compliance): the pairs get the answers of one pass at max_new_tokens, the rest stop at the opening. The opening's
-    verdict usually stands but can change as an answer goes on ("As an AI language model, I ... but here is"): such an
-    answer is judged on its opening. Measured on the demo's M_SFT: 256 of 256 verdicts at 12 tokens equal at 32."""
-    opening = args.benign_opening_tokens if kind == "benign" else args.redteam_opening_tokens
-    short = min(opening or args.max_new_tokens, args.max_new_tokens)
+    """M_SFT's answers and whether each declines. Greedy answers, with an opening length for the kind, come in two
+    passes: the opening of every answer, then in full only those whose verdict makes a pair (a benign refusal, a
+    red-team compliance): the pairs get the answers of one pass at max_new_tokens, the rest stop at the opening. The
+    opening's verdict usually stands but can change as an answer goes on ("As an AI language model, I ... but here
+    is"): such an answer is judged on its opening. Measured on the demo's M_SFT: 256 of 256 verdicts at 12 tokens
+    equal at 32. Sampled answers (redteam_temperature) come in one pass: a second pass would draw a new answer."""
     sample = {"do_sample": True, "temperature": args.redteam_temperature} if kind == "redteam" and \
         args.redteam_temperature else {}
+    opening = args.benign_opening_tokens if kind == "benign" else args.redteam_opening_tokens
+    short = args.max_new_tokens if sample else min(opening or args.max_new_tokens, args.max_new_tokens)
     said = generation.generate_answers(model, tokenizer, conversations, short, args.batch_size, progress=True,
                                        desc=f"M_SFT opens its answers to {kind} prompts", **sample)
     declined = [refusal.is_refusal(a["answer"]) for a in said]
@@ -165,8 +167,7 @@ def answers(model, tokenizer, conversations: list[list[dict]], kind: str, args: 
     rest = [i for i, a in enumerate(said) if pair[i] and not a["stopped_cleanly"] and short < args.max_new_tokens]
     if rest:
         full = generation.generate_answers(model, tokenizer, [conversations[i] for i in rest], args.max_new_tokens,
-                                           args.batch_size, progress=True, desc=f"M_SFT's {kind} answers in full",
-                                           **sample)  # sampled: a new answer, judged again below
+                                           args.batch_size, progress=True, desc=f"M_SFT's {kind} answers in full")
         for i, a in zip(rest, full):
             said[i], declined[i] = a, refusal.is_refusal(a["answer"])
     return [a["answer"] for a in said], declined
@@ -180,7 +181,7 @@ def collect(args: PairArguments) -> str:
     started = time.time()
     report = cai_data.DataReport()
     model, tokenizer = load(args)
-    set_seed(args.seed)  # sampled red-team answers repeat run to run
+    set_seed(args.seed)  # sampled red-team answers repeat with the same settings
     system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
     pairs, verdicts = [], {}
     for kind, path, fmt in (("benign", args.benign_file, "pc"), ("redteam", args.redteam_file, "cai")):
@@ -189,7 +190,7 @@ def collect(args: PairArguments) -> str:
         rows = read_rows(path, fmt, report)
         limit = args.max_benign if kind == "benign" else args.max_redteam
         asked = rows if limit is None or limit >= len(rows) else random.Random(args.seed).sample(rows, limit)
-        times = args.redteam_samples if kind == "redteam" else 1  # answers per prompt, one after the other
+        times = args.redteam_samples if kind == "redteam" else 1  # answers per prompt
         said, verdicts[kind] = answers(model, tokenizer, [system + r["prompt"] for r in asked] * times, kind, args)
         got = {}
         for r, a, no in zip(asked * times, said, verdicts[kind]):
@@ -217,7 +218,9 @@ def collect(args: PairArguments) -> str:
                     "declined": sum(v)} for kind, v in verdicts.items()}
     run_dir.write_text(args.output, (json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
     summary = {"written_by": "collect_pairs.py", "model": args.model, "system_prompt": args.system_prompt, "pairs": len(pairs), "kinds": kinds,
-               "answers": stats, "refusal_rates": refusal.rates(verdicts.get("redteam"), verdicts.get("benign")),
+               "answers": stats, "redteam_answers": {"temperature": args.redteam_temperature,
+                                                     "samples_per_prompt": args.redteam_samples, "seed": args.seed},
+               "refusal_rates": refusal.rates(verdicts.get("redteam"), verdicts.get("benign")),
                "dropped_input_rows": dict(report.dropped), "seconds": round(time.time() - started)}  # fmt: skip
     run_dir.write_text(args.output + ".summary.json", json.dumps(summary, indent=2))
     print(f"Wrote {len(pairs)} pairs to {args.output}: " + ", ".join(f"{k} {v}" for k, v in kinds.items()))
